@@ -216,7 +216,11 @@ def _add_solver(s: CN) -> None:
     s.BACKBONE_MULTIPLIER = 0.1
     # HSQG, CMSAM, DQTD and the prompt learn at HEAD_MULTIPLIER x BASE_LR.
     s.HEAD_MULTIPLIER = 4.0
+    s.LR_SCHEDULER_NAME = "WarmupPolyLR"
     s.POLY_LR_POWER = 0.9
+    # Mixed precision (SOLVER.AMP.ENABLED): "bfloat16" (CPU or GPU) or "float16" (GPU,
+    # with a gradient scaler). The MSDeformAttn op always computes in float32.
+    s.AMP.PRECISION = "bfloat16"
     # What to do when a loss is NaN/Inf: "stop" (raise, naming the term) or "skip" the step.
     s.NONFINITE_ACTION = "stop"
 

@@ -1,0 +1,1 @@
+"""Datasets, split tool, dual-stream mappers, CutMix and the two-stream loader."""

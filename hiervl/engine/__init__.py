@@ -1,0 +1,1 @@
+"""Training harness: detectron2 trainer, the semi-supervised step, checkpoints, setup."""

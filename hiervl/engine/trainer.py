@@ -1,0 +1,118 @@
+"""HierVL's detectron2 trainer: two-stream data, paper optimizer, atomic checkpoints.
+
+Structure follows detectron2's ``DefaultTrainer`` (hooks for LR schedule, checkpoints,
+periodic evaluation and writers); what differs:
+- the data loader yields named two-stream batches (``hiervl.data.loader``) and is rebuilt
+  at the resumed iteration so ``--resume`` sees exactly the batches it would have seen;
+- the inner step is :class:`SemiSupervisedStep` (AMP on CPU too, NaN checks per term);
+- checkpoints are written atomically and loaded strictly (:class:`HierVLCheckpointer`);
+- evaluation results are also written to ``OUTPUT_DIR/metrics.json``; the per-iteration
+  event stream goes to ``OUTPUT_DIR/events.json``.
+"""
+
+import json
+import logging
+import os
+import weakref
+
+from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, hooks
+from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+
+from hiervl.data.loader import build_test_loader, build_two_stream_train_loader
+from hiervl.engine.checkpoint import HierVLCheckpointer, atomic_write_text
+from hiervl.engine.optim import build_lr_scheduler, build_optimizer
+from hiervl.engine.step import SemiSupervisedStep
+
+logger = logging.getLogger(__name__)
+
+
+class HierVLTrainer(DefaultTrainer):
+    """Semi-supervised trainer (see module docstring)."""
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        self.cfg = cfg
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = SemiSupervisedStep(
+            model,
+            data_loader,
+            optimizer,
+            max_iter=self.max_iter,
+            seed=max(cfg.SEED, 0),
+            amp_precision=cfg.SOLVER.AMP.PRECISION if cfg.SOLVER.AMP.ENABLED else None,
+            nonfinite_action=cfg.SOLVER.NONFINITE_ACTION,
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = HierVLCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume: bool = True):
+        super().resume_or_load(resume=resume)
+        if self.start_iter > 0:
+            logger.info(f"Resuming at iteration {self.start_iter}: rebuilding the data stream")
+            self._trainer.reset_data_loader(
+                lambda: build_two_stream_train_loader(self.cfg, start_iter=self.start_iter)
+            )
+
+    def build_writers(self):
+        return [
+            CommonMetricPrinter(self.max_iter),
+            JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "events.json")),
+            TensorboardXWriter(self.cfg.OUTPUT_DIR),
+        ]
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        # DefaultTrainer's periodic writer logs every 20 iterations; tiny runs want more.
+        period = max(1, min(20, self.cfg.SOLVER.MAX_ITER // 10))
+        for i, h in enumerate(ret):
+            if isinstance(h, hooks.PeriodicWriter):
+                ret[i] = hooks.PeriodicWriter(self.build_writers(), period=period)
+        return ret
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_two_stream_train_loader(cfg, start_iter=0)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return DatasetEvaluators(
+            [SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)]
+        )
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process() and results:
+            write_metrics_json(cfg, results)
+        return results
+
+
+def write_metrics_json(cfg, results) -> str:
+    """Write evaluation ``results`` (nested dict of floats) to ``OUTPUT_DIR/metrics.json``."""
+    path = os.path.join(cfg.OUTPUT_DIR, "metrics.json")
+    if len(cfg.DATASETS.TEST) == 1 and "sem_seg" in results:
+        results = {cfg.DATASETS.TEST[0]: results}
+    atomic_write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", path)
+    logger.info(f"Evaluation results written to {path}")
+    return path

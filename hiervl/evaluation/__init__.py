@@ -1,0 +1,1 @@
+"""Inference helpers (sliding window) and evaluator wiring."""

@@ -1,0 +1,65 @@
+"""Sliding-window semantic inference (plain PyTorch).
+
+Shape letters: B batch, K classes, H×W the image, h×w one window (``crop``).
+
+Windows of ``crop × crop`` are placed every ``stride`` pixels (the last window of a
+row/column is shifted back so it ends at the border); scores of overlapping windows
+are averaged. Images smaller than the window are zero-padded at the bottom/right to
+the window size and the padding is cropped away from the result, so the output
+always has the input's size.
+"""
+
+from typing import Callable, List
+
+import torch
+import torch.nn.functional as F
+
+
+def window_starts(length: int, crop: int, stride: int) -> List[int]:
+    """Start offsets of the windows along one axis of ``length`` (>= ``crop``) pixels."""
+    if crop <= 0 or stride <= 0:
+        raise ValueError(f"sliding window needs crop > 0 and stride > 0, got {crop}, {stride}")
+    if length <= crop:
+        return [0]
+    starts = list(range(0, length - crop, stride))
+    starts.append(length - crop)
+    return starts
+
+
+def sliding_window_inference(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    *,
+    crop: int,
+    stride: int,
+    num_classes: int,
+) -> torch.Tensor:
+    """Run ``predict`` on overlapping windows and average the overlaps.
+
+    Args:
+        predict: maps windows (B,3,h,w) to scores (B,K,h,w) at the window's size.
+        images: (B,3,H,W) normalised images.
+        crop: window size (square).
+        stride: distance between window starts (``crop // 2`` = 50% overlap).
+        num_classes: K, used to allocate the accumulator.
+    Returns:
+        (B,K,H,W) averaged scores.
+    """
+    b, _, height, width = images.shape
+    pad_h, pad_w = max(crop - height, 0), max(crop - width, 0)
+    if pad_h or pad_w:
+        images = F.pad(images, (0, pad_w, 0, pad_h))
+    full_h, full_w = images.shape[-2:]
+    scores = images.new_zeros((b, num_classes, full_h, full_w))
+    counts = images.new_zeros((1, 1, full_h, full_w))
+    win_h, win_w = min(crop, full_h), min(crop, full_w)
+    for top in window_starts(full_h, win_h, stride):
+        for left in window_starts(full_w, win_w, stride):
+            window = images[:, :, top : top + win_h, left : left + win_w]
+            out = predict(window)
+            assert out.shape == (b, num_classes, win_h, win_w), (
+                f"predict returned {tuple(out.shape)}, expected {(b, num_classes, win_h, win_w)}"
+            )
+            scores[:, :, top : top + win_h, left : left + win_w] += out
+            counts[:, :, top : top + win_h, left : left + win_w] += 1
+    return (scores / counts)[:, :, :height, :width]
