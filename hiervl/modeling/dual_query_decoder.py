@@ -1,0 +1,317 @@
+"""Dual-query transformer decoder (DQTD): Mask2Former's masked-attention decoder run on
+CMSAM-aligned text queries together with learnable visual queries.
+
+Shape letters: B batch, L text (hierarchy) levels, K classes, M visual queries,
+Q = L·K + M queries, D decoder width, F feature levels (coarse → fine), S_f = h_f·w_f
+tokens of feature level f, E mask-feature width, h×w mask-feature size, C CLIP width.
+
+Query order: text queries level-major (index l·K + k), then the M visual queries.
+Text queries take their content from the pixel decoder and carry a learnable level
+embedding as positional embedding; visual queries have a learnable content and a
+learnable positional embedding (as in Mask2Former).
+
+Each layer: masked cross-attention to feature level ``i mod F`` (a query only sees the
+pixels its previous mask prediction covers), self-attention over the queries (inactive
+text queries are masked out as keys, so they cannot influence anything), FFN. The mask
+head predicts at the start and after every layer; all but the last prediction are
+returned as ``aux_outputs`` for deep supervision.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DualQueryDecoder", "sine_position_encoding"]
+
+# A pixel is visible to a query's cross-attention when its previous mask probability
+# reaches this value (Mask2Former's rule).
+MASK_ATTENTION_THRESHOLD = 0.5
+# Frequency base of the sine positional encoding (as in "Attention is all you need").
+SINE_TEMPERATURE = 10000.0
+
+
+def sine_position_encoding(
+    height: int, width: int, dim: int, *, device=None, dtype=torch.float32
+) -> torch.Tensor:
+    """2-D sine/cosine positional encoding: half the channels encode y, half x.
+
+    Positions are pixel centres normalised to (0, 2π), so maps of different sizes share
+    one coordinate frame.
+
+    Returns:
+        (height·width, dim), row-major over (y, x).
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"sine positional encoding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    freq = SINE_TEMPERATURE ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height * 2 * math.pi
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width * 2 * math.pi
+    ay, ax = ys[:, None] / freq, xs[:, None] / freq  # (h, D/4), (w, D/4)
+    emb_y = torch.cat([ay.sin(), ay.cos()], dim=1)[:, None, :].expand(height, width, dim // 2)
+    emb_x = torch.cat([ax.sin(), ax.cos()], dim=1)[None, :, :].expand(height, width, dim // 2)
+    return torch.cat([emb_y, emb_x], dim=2).reshape(height * width, dim).to(dtype)
+
+
+class _Attention(nn.Module):
+    """Multi-head attention on fused kernels (``scaled_dot_product_attention``)."""
+
+    def __init__(self, *, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"DECODER.HIDDEN_DIM={dim} not divisible by NUM_HEADS={num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        allowed: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """
+        Args:
+            query: (B, Nq, D); key, value: (B, Nk, D).
+            allowed: bool broadcastable to (B, heads, Nq, Nk), True = may attend; every
+                row must allow at least one key. None = no mask.
+
+        Returns:
+            (B, Nq, D).
+        """
+        q = self._heads(self.q_proj(query))
+        k = self._heads(self.k_proj(key))
+        v = self._heads(self.v_proj(value))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class _AttentionBlock(nn.Module):
+    """Residual attention sub-layer, post-norm (Mask2Former default) or pre-norm.
+
+    Positional embeddings are added to queries and keys, never to values. Without a
+    memory the block is self-attention.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, dropout: float, pre_norm: bool):
+        super().__init__()
+        self.attn = _Attention(dim=dim, num_heads=num_heads, dropout=dropout)
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def forward(self, x, x_pos, allowed, memory=None, memory_pos=None):
+        """x, x_pos: (B, Q, D); memory, memory_pos: (B or 1, S, D) or None; allowed as in
+        ``_Attention``. Returns (B, Q, D)."""
+        h = self.norm(x) if self.pre_norm else x
+        if memory is None:
+            memory, memory_pos = h, x_pos
+        x = x + self.drop(self.attn(h + x_pos, memory + memory_pos, memory, allowed))
+        return x if self.pre_norm else self.norm(x)
+
+
+class _FFNBlock(nn.Module):
+    """Residual 2-layer feed-forward sub-layer."""
+
+    def __init__(self, *, dim: int, ffn_dim: int, dropout: float, pre_norm: bool):
+        super().__init__()
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, Q, D) -> (B, Q, D)."""
+        h = self.norm(x) if self.pre_norm else x
+        x = x + self.drop(self.linear2(self.drop(F.relu(self.linear1(h)))))
+        return x if self.pre_norm else self.norm(x)
+
+
+class DualQueryDecoder(nn.Module):
+    """DQTD (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        hidden_dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        num_layers: int,
+        num_visual_queries: int,
+        num_feature_levels: int,
+        num_text_levels: int,
+        pre_norm: bool,
+        dropout: float,
+        mask_head: nn.Module,
+        in_channels: Optional[int] = None,
+    ):
+        """
+        Args:
+            hidden_dim: D (DECODER.HIDDEN_DIM).
+            num_heads: attention heads (DECODER.NUM_HEADS).
+            ffn_dim: FFN hidden width (DECODER.FFN_DIM).
+            num_layers: decoder layers (DECODER.NUM_LAYERS), >= 1.
+            num_visual_queries: M (DECODER.NUM_VISUAL_QUERIES); 0 = text queries only.
+            num_feature_levels: F, the number of multi-scale maps ``forward`` receives.
+            num_text_levels: L (HSQG.NUM_LEVELS).
+            pre_norm: pre-LayerNorm sub-layers (DECODER.PRE_NORM).
+            dropout: dropout in attention and FFN (DECODER.DROPOUT).
+            mask_head: a ``DynamicMaskHead`` (or any module with its ``forward``) predicting
+                (logits, masks, query_proj) from the normalised queries.
+            in_channels: channels of the multi-scale maps; a 1×1 projection to D is added
+                when it differs from D (None = D).
+        """
+        super().__init__()
+        for name, value, low in [
+            ("DECODER.NUM_LAYERS", num_layers, 1),
+            ("DECODER.NUM_VISUAL_QUERIES", num_visual_queries, 0),
+            ("num_feature_levels", num_feature_levels, 1),
+            ("HSQG.NUM_LEVELS", num_text_levels, 1),
+        ]:
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        self.hidden_dim = hidden_dim
+        self.num_layers = num_layers
+        self.num_visual_queries = num_visual_queries
+        self.num_feature_levels = num_feature_levels
+        self.num_text_levels = num_text_levels
+
+        in_channels = hidden_dim if in_channels is None else in_channels
+        self.input_proj = nn.ModuleList(
+            nn.Identity() if in_channels == hidden_dim else nn.Conv2d(in_channels, hidden_dim, 1)
+            for _ in range(num_feature_levels)
+        )
+        self.memory_level_embed = nn.Embedding(num_feature_levels, hidden_dim)
+        self.text_level_embed = nn.Embedding(num_text_levels, hidden_dim)
+        if num_visual_queries > 0:
+            self.visual_feat = nn.Embedding(num_visual_queries, hidden_dim)
+            self.visual_pos = nn.Embedding(num_visual_queries, hidden_dim)
+        else:
+            # No empty parameters: they trip up DDP and optimiser bookkeeping.
+            self.visual_feat = self.visual_pos = None
+
+        block = {"dim": hidden_dim, "dropout": dropout, "pre_norm": pre_norm}
+        self.cross_attn = nn.ModuleList(
+            _AttentionBlock(num_heads=num_heads, **block) for _ in range(num_layers)
+        )
+        self.self_attn = nn.ModuleList(
+            _AttentionBlock(num_heads=num_heads, **block) for _ in range(num_layers)
+        )
+        self.ffn = nn.ModuleList(_FFNBlock(ffn_dim=ffn_dim, **block) for _ in range(num_layers))
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.mask_head = mask_head
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for layers in (self.cross_attn, self.self_attn, self.ffn):
+            for p in layers.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+
+    def _predict(self, x, mask_features, class_embed, attn_size):
+        """Mask-head prediction for queries ``x`` (B, Q, D), plus the cross-attention mask
+        (B, 1, Q, S) bool (True = visible) for the next layer's feature level."""
+        logits, masks, proj = self.mask_head(self.decoder_norm(x), mask_features, class_embed)
+        with torch.no_grad():
+            small = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)
+            allowed = small.sigmoid().flatten(2) >= MASK_ATTENTION_THRESHOLD  # (B, Q, S)
+            # A query whose mask is empty would attend to nothing: let it see everything.
+            allowed |= ~allowed.any(dim=-1, keepdim=True)
+        pred = {"pred_logits": logits, "pred_masks": masks, "query_proj": proj}
+        return pred, allowed.unsqueeze(1)
+
+    def forward(
+        self,
+        text_queries: torch.Tensor,
+        text_active: torch.Tensor,
+        multi_scale_features: list,
+        mask_features: torch.Tensor,
+        class_embed: torch.Tensor,
+    ) -> dict:
+        """
+        Args:
+            text_queries: (B, L, K, D) aligned text queries from the pixel decoder.
+            text_active: (B, K) bool, HSQG's active classes.
+            multi_scale_features: F maps (B, in_channels, h_f, w_f), coarse → fine.
+            mask_features: (B, E, h, w).
+            class_embed: (K, C) text embeddings for the classifier.
+
+        Returns:
+            dict with ``pred_logits`` (B, Q, K + 1), ``pred_masks`` (B, Q, h, w),
+            ``query_proj`` (B, Q, C), ``aux_outputs`` (NUM_LAYERS dicts with the same three
+            keys, earliest first), ``query_valid`` (B, Q) bool (False for inactive text
+            queries), ``query_class`` (Q,) long (k for text queries, -1 for visual ones).
+        """
+        b, num_levels, k, d = text_queries.shape
+        if num_levels != self.num_text_levels or d != self.hidden_dim:
+            raise ValueError(
+                f"text_queries {tuple(text_queries.shape)} do not match the decoder "
+                f"(L={self.num_text_levels}, D={self.hidden_dim})"
+            )
+        if text_active.shape != (b, k):
+            raise ValueError(f"text_active must be {(b, k)}, got {tuple(text_active.shape)}")
+        if class_embed.shape[0] != k:
+            raise ValueError(f"class_embed has {class_embed.shape[0]} classes, queries have {k}")
+        if len(multi_scale_features) != self.num_feature_levels:
+            raise ValueError(
+                f"got {len(multi_scale_features)} feature levels, the decoder was built for "
+                f"{self.num_feature_levels}"
+            )
+        device, dtype = text_queries.device, text_queries.dtype
+
+        memories, memory_pos, sizes = [], [], []
+        for f, feat in enumerate(multi_scale_features):
+            feat = self.input_proj[f](feat)
+            h_f, w_f = feat.shape[-2:]
+            sizes.append((h_f, w_f))
+            memories.append(feat.flatten(2).transpose(1, 2) + self.memory_level_embed.weight[f])
+            pos = sine_position_encoding(h_f, w_f, d, device=device, dtype=feat.dtype)
+            memory_pos.append(pos.unsqueeze(0))
+
+        x = text_queries.reshape(b, num_levels * k, d)  # level-major: index l·K + k
+        pos = self.text_level_embed.weight.repeat_interleave(k, dim=0)  # (L·K, D)
+        valid = text_active.bool().repeat(1, num_levels)  # (B, L·K)
+        query_class = torch.arange(k, device=device).repeat(num_levels)
+        if self.visual_feat is not None:
+            m = self.num_visual_queries
+            x = torch.cat([x, self.visual_feat.weight.to(dtype).expand(b, m, d)], dim=1)
+            pos = torch.cat([pos, self.visual_pos.weight], dim=0)
+            valid = torch.cat([valid, valid.new_ones(b, m)], dim=1)
+            query_class = torch.cat([query_class, query_class.new_full((m,), -1)])
+        pos = pos.to(dtype).unsqueeze(0)
+
+        # Inactive text queries are hidden as keys; an image with no valid key at all
+        # (impossible with HSQG's MIN_ACTIVE >= 1) falls back to full attention.
+        self_allowed = valid | ~valid.any(dim=1, keepdim=True)
+        self_allowed = self_allowed[:, None, None, :]  # (B, 1, 1, Q)
+
+        pred, cross_allowed = self._predict(x, mask_features, class_embed, sizes[0])
+        predictions = [pred]
+        for i in range(self.num_layers):
+            f = i % self.num_feature_levels
+            x = self.cross_attn[i](x, pos, cross_allowed, memories[f], memory_pos[f])
+            x = self.self_attn[i](x, pos, self_allowed)
+            x = self.ffn[i](x)
+            next_size = sizes[(i + 1) % self.num_feature_levels]
+            pred, cross_allowed = self._predict(x, mask_features, class_embed, next_size)
+            predictions.append(pred)
+
+        out = dict(predictions[-1])
+        out["aux_outputs"] = predictions[:-1]
+        out["query_valid"] = valid
+        out["query_class"] = query_class
+        return out
