@@ -126,10 +126,9 @@ class HSQG(nn.Module):
         Returns:
             HSQGOutput (see its docstring).
         """
-        if (
-            text_embed.dim() != 2
-            or image_embed.dim() != 2
-            or (text_embed.shape[1] != image_embed.shape[1])
+        if text_embed.dim() != 2 or image_embed.shape != (
+            image_embed.shape[0],
+            text_embed.shape[1],
         ):
             raise ValueError(
                 f"HSQG: expected text (K, C) and image (B, C) embeddings, got "
