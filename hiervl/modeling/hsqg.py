@@ -126,10 +126,8 @@ class HSQG(nn.Module):
         Returns:
             HSQGOutput (see its docstring).
         """
-        if text_embed.dim() != 2 or image_embed.shape != (
-            image_embed.shape[0],
-            text_embed.shape[1],
-        ):
+        expected_image_shape = (image_embed.shape[0], text_embed.shape[-1])
+        if text_embed.dim() != 2 or image_embed.shape != expected_image_shape:
             raise ValueError(
                 f"HSQG: expected text (K, C) and image (B, C) embeddings, got "
                 f"{tuple(text_embed.shape)} and {tuple(image_embed.shape)}"
