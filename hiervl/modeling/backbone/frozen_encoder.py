@@ -1,0 +1,120 @@
+"""E_I^0: a frozen copy of the CLIP image encoder (no gradients, always in eval mode).
+
+It provides, in one pass over the blocks:
+- the pooled global image embedding v (HSQG's relevance gate),
+- the final-block patch tokens (reference x_ref of L_mask; same representation as
+  ``CLIPImageBackbone.forward_tokens``),
+- MaskCLIP dense CLIP-space tokens (SemiVL's dense guidance): in the last block the
+  q·k attention is skipped and each token keeps only its value path,
+  ``y = x + out_proj(v_proj(ln_1(x)))``, ``y = y + mlp(ln_2(y))`` (residual and MLP
+  kept, as MaskCLIP's and SemiVL's ViT code does), then ``ln_post(y) @ proj``.
+  Equivalently: the last block applied to every token as a length-1 sequence.
+
+Shape letters: B batch, H×W input size, h×w token grid, N = h·w, W_v tower width,
+C CLIP embedding width.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import nn
+
+from .clip_vit import (
+    apply_block,
+    check_vision_tower,
+    embed_tokens,
+    global_embedding,
+    project_tokens,
+    token_grid,
+)
+
+__all__ = ["FrozenCLIPImageEncoder", "FrozenImageFeatures", "maskclip_value_path"]
+
+
+class FrozenImageFeatures(NamedTuple):
+    """Outputs of :class:`FrozenCLIPImageEncoder` (none of them normalised)."""
+
+    global_embed: torch.Tensor  # (B, C) pooled embedding, == CLIP.encode_image at native size
+    dense_tokens: torch.Tensor  # (B, N, W_v) final-block patch tokens, before ln_post
+    dense_clip: torch.Tensor  # (B, C, h, w) MaskCLIP value-path tokens after ln_post + proj
+
+
+def _check_value_path_block(block: nn.Module) -> None:
+    if not isinstance(block, ResidualAttentionBlock) or not isinstance(
+        block.attn, nn.MultiheadAttention
+    ):
+        raise ValueError(
+            f"MaskCLIP's value path needs open_clip's default attention block, got "
+            f"{type(block).__name__}"
+        )
+    if block.attn.in_proj_weight is None:
+        raise ValueError("MaskCLIP's value path needs a packed in_proj_weight (q, k, v same dim)")
+
+
+def maskclip_value_path(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """An attention block with attention replaced by each token's own value.
+
+    Args:
+        block: an open_clip ``ResidualAttentionBlock`` (``nn.MultiheadAttention`` inside).
+        x: (B, L, W_v) tokens entering the block.
+    Returns:
+        (B, L, W_v); token i depends on x[:, i] only.
+    """
+    attn = block.attn
+    width = x.shape[-1]
+    # in_proj_weight stacks [W_q; W_k; W_v]; only the value rows are used.
+    w_v = attn.in_proj_weight[2 * width :]
+    b_v = attn.in_proj_bias[2 * width :] if attn.in_proj_bias is not None else None
+    y = x + block.ls_1(attn.out_proj(F.linear(block.ln_1(x), w_v, b_v)))
+    return y + block.ls_2(block.mlp(block.ln_2(y)))
+
+
+class FrozenCLIPImageEncoder(nn.Module):
+    """Deep copy of the pretrained image tower, frozen; see the module docstring."""
+
+    def __init__(self, *, visual: VisionTransformer):
+        """
+        Args:
+            visual: the open_clip image tower to copy (before any fine-tuning).
+        """
+        super().__init__()
+        check_vision_tower(visual)
+        _check_value_path_block(visual.transformer.resblocks[-1])
+        self.visual = copy.deepcopy(visual)
+        self.visual.requires_grad_(False)
+        self.embed_dim = int(visual.proj.shape[1])
+        self.width = int(visual.transformer.width)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> FrozenCLIPImageEncoder:
+        """Stays in eval mode whatever ``mode`` is (E_I^0 is a fixed reference)."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> FrozenImageFeatures:
+        """
+        Args:
+            images: (B, 3, H, W), CLIP-normalised; H, W multiples of the patch size.
+        Returns:
+            :class:`FrozenImageFeatures` with global_embed (B, C), dense_tokens (B, N, W_v),
+            dense_clip (B, C, h, w).
+        """
+        height, width = token_grid(self.visual, images.shape[-2], images.shape[-1])
+        blocks = self.visual.transformer.resblocks
+        x = embed_tokens(self.visual, images)
+        for block in blocks[:-1]:
+            x = apply_block(self.visual, block, x)
+        value_tokens = maskclip_value_path(blocks[-1], x[:, 1:])
+        x = apply_block(self.visual, blocks[-1], x)
+        dense_clip = project_tokens(self.visual, value_tokens)  # (B, N, C)
+        dense_clip = dense_clip.transpose(1, 2).reshape(x.shape[0], -1, height, width)
+        return FrozenImageFeatures(
+            global_embed=global_embedding(self.visual, x),
+            dense_tokens=x[:, 1:],
+            dense_clip=dense_clip,
+        )
