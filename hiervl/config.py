@@ -169,6 +169,8 @@ def _add_semi_supervised(h: CN) -> None:
 
 def _add_input(i: CN) -> None:
     # --- Data augmentation (hiervl/data/mappers.py) ---
+    # CLIP's pixel statistics are RGB.
+    i.FORMAT = "RGB"
     # Random rescale of the labelled/unlabelled image (ratio of its own size).
     i.SCALE_RANGE = [0.5, 2.0]
     i.CROP.ENABLED = True

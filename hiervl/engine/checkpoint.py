@@ -87,7 +87,9 @@ class HierVLCheckpointer(DetectionCheckpointer):
                 f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}"
                 for k, a, b in incompatible.incorrect_shapes[:5]
             )
-            problems.append(f"{len(incompatible.incorrect_shapes)} weights of another shape ({shapes})")
+            problems.append(
+                f"{len(incompatible.incorrect_shapes)} weights of another shape ({shapes})"
+            )
         if incompatible.missing_keys:
             problems.append(
                 f"{len(incompatible.missing_keys)} model weights missing "

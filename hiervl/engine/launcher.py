@@ -23,7 +23,9 @@ def setup_cfg(config_file: str, opts=None, *, args=None):
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts or []))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE is %r but no GPU is visible: running on the CPU", cfg.MODEL.DEVICE)
+        logger.warning(
+            "MODEL.DEVICE is %r but no GPU is visible: running on the CPU", cfg.MODEL.DEVICE
+        )
         cfg.MODEL.DEVICE = "cpu"
     register_all()
     register_custom_from_cfg(cfg)

@@ -9,7 +9,8 @@ The schedule is linear warm-up then polynomial decay (power ``POLY_LR_POWER``).
 """
 
 import torch
-from detectron2.solver import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.solver import get_default_optimizer_params
+from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 

@@ -7,8 +7,8 @@ Compared with detectron2's ``SimpleTrainer.run_step`` this step
   gradient scaler, CUDA only);
 - checks every loss term for NaN/Inf *before* backward and stops with the term's name
   (``SOLVER.NONFINITE_ACTION = "stop"``) or skips the step (``"skip"``).
-The model receives the batch with ``progress`` = iteration / max_iter added, for the
-losses whose weight follows the schedule (MaskCLIP guidance).
+The model receives the batch with ``iteration`` and ``max_iter`` set, for the losses
+whose weight follows the schedule (MaskCLIP guidance).
 """
 
 import logging
@@ -33,7 +33,7 @@ class SemiSupervisedStep(SimpleTrainer):
 
     Args:
         model, data_loader, optimizer: as in ``SimpleTrainer``.
-        max_iter: total iterations (for ``progress``).
+        max_iter: total iterations (for scheduled loss weights).
         seed: base seed of the per-iteration RNG.
         amp_precision: None (fp32), "bfloat16" or "float16".
         nonfinite_action: "stop" or "skip".
@@ -78,7 +78,7 @@ class SemiSupervisedStep(SimpleTrainer):
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
         if isinstance(data, dict):
-            data = dict(data, progress=self.iter / max(self.max_iter, 1))
+            data = dict(data, iteration=self.iter, max_iter=self.max_iter)
 
         with torch.autocast(
             device_type=self.device_type,

@@ -20,6 +20,7 @@ from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
+import hiervl.meta_arch  # noqa: F401  (registers the HierVL meta-architecture)
 from hiervl.data.loader import build_test_loader, build_two_stream_train_loader
 from hiervl.engine.checkpoint import HierVLCheckpointer, atomic_write_text
 from hiervl.engine.optim import build_lr_scheduler, build_optimizer

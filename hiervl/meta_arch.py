@@ -1,0 +1,211 @@
+"""The registered detectron2 meta-architecture ``HierVL``: config → modules, batches → tensors.
+
+``from_config`` is the only place that reads the config for the network; the network
+itself is the plain-torch :class:`~hiervl.modeling.hiervl_model.HierVLModel` and its
+training losses are :class:`~hiervl.modeling.objective.HierVLObjective`.
+
+``forward`` accepts
+- in training, a named two-stream batch ``{"labeled": [...], "unlabeled": [...],
+  "unlabeled_mix": [...], "iteration": int, "max_iter": int}`` (semi-supervised) or a plain list of
+  labelled dicts (supervised only), and returns a dict of prefixed, weighted losses;
+- in eval mode, a list of ``{"image": uint8 (3,H,W), "height", "width"}`` and returns
+  ``[{"sem_seg": (K, height, width) scores}]`` (whole image or sliding window).
+
+Shape letters: B images, K classes, H×W padded batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY
+from torch import nn
+
+from hiervl.evaluation.sliding_window import sliding_window_inference
+from hiervl.model_builder import build_hiervl_model, build_objective
+from hiervl.modeling.hiervl_model import HierVLModel
+from hiervl.modeling.objective import HierVLObjective, LabeledBatch, UnlabeledBatch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_LABEL = 255
+
+
+def vocabulary_from_cfg(cfg) -> List[str]:
+    """Class names: TEST.VOCABULARY if set, else the metadata of the first train/test set."""
+    if len(cfg.TEST.VOCABULARY) > 0:
+        return list(cfg.TEST.VOCABULARY)
+    names = list(cfg.DATASETS.TRAIN_LABELED) + list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    for name in names:
+        classes = MetadataCatalog.get(name).get("stuff_classes", None)
+        if classes:
+            return list(classes)
+    raise ValueError(
+        "no class names: set DATASETS.TRAIN_LABELED / DATASETS.TEST to a registered dataset "
+        f"with 'stuff_classes' metadata, or TEST.VOCABULARY (datasets tried: {names})"
+    )
+
+
+@META_ARCH_REGISTRY.register()
+class HierVL(nn.Module):
+    """Detectron2 wrapper of :class:`HierVLModel` + :class:`HierVLObjective`."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        model: HierVLModel,
+        objective: Optional[HierVLObjective],
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        sliding_window: bool,
+        window_crop: int,
+        window_stride: int,
+    ):
+        """
+        Args:
+            model: the network.
+            objective: training losses (None for an inference-only model).
+            pixel_mean, pixel_std: normalisation of 0..255 RGB inputs (CLIP's).
+            sliding_window: evaluate with overlapping windows (TEST.SLIDING_WINDOW.ENABLED).
+            window_crop: window size (TEST.SLIDING_WINDOW.CROP_SIZE).
+            window_stride: window stride (TEST.SLIDING_WINDOW.STRIDE; 0 = crop // 2).
+        """
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.sliding_window = sliding_window
+        self.window_crop = window_crop
+        self.window_stride = window_stride if window_stride > 0 else max(window_crop // 2, 1)
+
+    @classmethod
+    def from_config(cls, cfg):
+        model = build_hiervl_model(cfg, vocabulary_from_cfg(cfg))
+        sw = cfg.TEST.SLIDING_WINDOW
+        return {
+            "model": model,
+            "objective": build_objective(cfg, model.backbone.embed_dim),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "sliding_window": sw.ENABLED,
+            "window_crop": sw.CROP_SIZE,
+            "window_stride": sw.STRIDE,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def set_vocabulary(self, class_names: Sequence[str]) -> None:
+        """Segment with any class names (open vocabulary); no retraining needed."""
+        self.model.set_vocabulary(class_names)
+
+    # ------------------------------------------------------------------ batching
+    def _images(self, dicts: List[dict], key: str) -> torch.Tensor:
+        """Stack uint8 (3,H,W) images of one stream (same size) and normalise → (B,3,H,W)."""
+        images = [d[key].to(self.device, non_blocking=True) for d in dicts]
+        sizes = {tuple(x.shape) for x in images}
+        if len(sizes) != 1:
+            raise ValueError(f"training images of one batch must share a size, got {sorted(sizes)}")
+        images = torch.stack(images).float()
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def _pad(self, x: torch.Tensor, value: float) -> torch.Tensor:
+        """Pad the last two dims at bottom/right to multiples of the patch size."""
+        div = self.model.size_divisibility
+        pad_h, pad_w = (-x.shape[-2]) % div, (-x.shape[-1]) % div
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), value=value)
+        return x
+
+    def _labeled_batch(self, dicts: List[dict]) -> LabeledBatch:
+        labels = torch.stack([d["sem_seg"].to(self.device) for d in dicts]).long()
+        return LabeledBatch(
+            images=self._pad(self._images(dicts, "image"), 0.0),
+            labels=self._pad(labels, IGNORE_LABEL),
+        )
+
+    def _unlabeled_batch(self, dicts: List[dict], partner: List[dict]) -> UnlabeledBatch:
+        def masks(ds, key):
+            return self._pad(torch.stack([d[key].to(self.device) for d in ds]).bool(), True)
+
+        def boxes(ds, key):
+            return self._pad(torch.stack([d[key].to(self.device) for d in ds]).bool(), False)
+
+        imgs = {
+            k: self._pad(self._images(dicts, k), 0.0)
+            for k in ("image_weak", "image_strong1", "image_strong2")
+        }
+        mix = {
+            k: self._pad(self._images(partner, k), 0.0)
+            for k in ("image_weak", "image_strong1", "image_strong2")
+        }
+        return UnlabeledBatch(
+            weak=imgs["image_weak"],
+            strong1=imgs["image_strong1"],
+            strong2=imgs["image_strong2"],
+            box1=boxes(dicts, "cutmix_box1"),
+            box2=boxes(dicts, "cutmix_box2"),
+            ignore=masks(dicts, "ignore_mask"),
+            mix_weak=mix["image_weak"],
+            mix_strong1=mix["image_strong1"],
+            mix_strong2=mix["image_strong2"],
+            mix_ignore=masks(partner, "ignore_mask"),
+        )
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs):
+        if not self.training:
+            return self.inference(batched_inputs)
+        if self.objective is None:
+            raise RuntimeError("this HierVL instance was built without training losses")
+        if isinstance(batched_inputs, dict):
+            labeled = self._labeled_batch(batched_inputs["labeled"])
+            unlabeled = None
+            if self.objective.semi_supervised and batched_inputs.get("unlabeled"):
+                unlabeled = self._unlabeled_batch(
+                    batched_inputs["unlabeled"], batched_inputs["unlabeled_mix"]
+                )
+            iteration = int(batched_inputs.get("iteration", 0))
+            max_iter = int(batched_inputs.get("max_iter", 1))
+        else:
+            labeled, unlabeled = self._labeled_batch(batched_inputs), None
+            iteration, max_iter = 0, 1
+        return self.objective(
+            self.model, labeled, unlabeled, iteration=iteration, max_iter=max_iter
+        )
+
+    @torch.no_grad()
+    def inference(self, batched_inputs: List[dict]) -> List[Dict[str, torch.Tensor]]:
+        """Semantic scores per image at its original (height, width)."""
+        text = self.model.class_embeddings()
+        num_classes = text[0].shape[0]
+        results = []
+        for item in batched_inputs:
+            image = item["image"].to(self.device).float()[None]
+            image = (image - self.pixel_mean) / self.pixel_std
+            if self.sliding_window:
+                scores = sliding_window_inference(
+                    lambda x: self.model.predict_scores(x, text),
+                    image,
+                    crop=self.window_crop,
+                    stride=self.window_stride,
+                    num_classes=num_classes,
+                )
+            else:
+                scores = self.model.predict_scores(image, text)
+            height = item.get("height", image.shape[-2])
+            width = item.get("width", image.shape[-1])
+            if tuple(scores.shape[-2:]) != (height, width):
+                scores = F.interpolate(
+                    scores, size=(height, width), mode="bilinear", align_corners=False
+                )
+            results.append({"sem_seg": scores[0]})
+        return results

@@ -1,0 +1,164 @@
+"""Config → modules for :class:`hiervl.meta_arch.HierVL`.
+
+This file and ``meta_arch.py`` are the only places that read ``MODEL.HIERVL.*``: every
+module under ``hiervl/modeling`` takes explicit keyword arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from hiervl.modeling.backbone.clip import build_clip_towers
+from hiervl.modeling.criterion import SetCriterion
+from hiervl.modeling.dual_query_decoder import DualQueryDecoder
+from hiervl.modeling.hiervl_model import HierVLModel
+from hiervl.modeling.hsqg import HSQG
+from hiervl.modeling.mask_head import DynamicMaskHead
+from hiervl.modeling.matcher import QueryMatcher
+from hiervl.modeling.objective import HierVLObjective
+from hiervl.modeling.pixel_decoder import CMSAMPixelDecoder
+from hiervl.modeling.vl_losses import PromptProjector
+
+
+def _custom_clip_sizes(c) -> Optional[dict]:
+    """MODEL.HIERVL.CLIP.CUSTOM as keyword sizes (None unless MODEL_NAME is "custom")."""
+    if c.MODEL_NAME != "custom":
+        return None
+    return {
+        "embed_dim": c.CUSTOM.EMBED_DIM,
+        "image_size": c.CUSTOM.IMAGE_SIZE,
+        "patch_size": c.CUSTOM.PATCH_SIZE,
+        "vision_width": c.CUSTOM.VISION_WIDTH,
+        "vision_layers": c.CUSTOM.VISION_LAYERS,
+        "vision_heads": c.CUSTOM.VISION_HEADS,
+        "text_width": c.CUSTOM.TEXT_WIDTH,
+        "text_layers": c.CUSTOM.TEXT_LAYERS,
+        "text_heads": c.CUSTOM.TEXT_HEADS,
+        "context_length": c.CUSTOM.CONTEXT_LENGTH,
+    }
+
+
+def build_hiervl_model(cfg, class_names: Sequence[str]) -> HierVLModel:
+    """The network of DESIGN §1 with the vocabulary ``class_names``."""
+    h = cfg.MODEL.HIERVL
+    towers = build_clip_towers(
+        model_name=h.CLIP.MODEL_NAME,
+        pretrained=h.CLIP.PRETRAINED,
+        custom=_custom_clip_sizes(h.CLIP),
+        out_indices=h.CLIP.OUT_INDICES,
+        pyramid_channels=h.CLIP.PYRAMID_CHANNELS,
+        prompt_length=h.CLIP.PROMPT_LENGTH,
+        template=h.CLIP.TEMPLATE,
+        class_names=class_names,
+    )
+    clip_dim = towers.backbone.embed_dim
+    pd, dec = h.PIXEL_DECODER, h.DECODER
+    if pd.CONV_DIM != dec.HIDDEN_DIM:
+        raise ValueError(
+            "MODEL.HIERVL.PIXEL_DECODER.CONV_DIM must equal MODEL.HIERVL.DECODER.HIDDEN_DIM "
+            f"(text queries flow from CMSAM into the decoder), got {pd.CONV_DIM} and "
+            f"{dec.HIDDEN_DIM}"
+        )
+    hsqg = HSQG(
+        clip_dim=clip_dim,
+        hidden_dim=pd.CONV_DIM,
+        num_levels=h.HSQG.NUM_LEVELS,
+        relevance_threshold=h.HSQG.RELEVANCE_THRESHOLD,
+        min_active=h.HSQG.MIN_ACTIVE,
+        init_scale=h.HSQG.INIT_SCALE,
+        init_bias=h.HSQG.INIT_BIAS,
+        enabled=h.HSQG.ENABLED,
+    )
+    pixel_decoder = CMSAMPixelDecoder(
+        input_shape=towers.backbone.output_shape(),
+        transformer_in_features=list(pd.IN_FEATURES),
+        conv_dim=pd.CONV_DIM,
+        mask_dim=pd.MASK_DIM,
+        num_encoder_layers=pd.NUM_ENCODER_LAYERS,
+        num_heads=pd.NUM_HEADS,
+        num_points=pd.NUM_POINTS,
+        ffn_dim=pd.FFN_DIM,
+        dropout=pd.DROPOUT,
+        common_stride=pd.COMMON_STRIDE,
+        cmsam_enabled=h.CMSAM.ENABLED,
+        cmsam_heads=h.CMSAM.NUM_HEADS,
+        cmsam_ffn_dim=h.CMSAM.FFN_DIM,
+        cmsam_dropout=h.CMSAM.DROPOUT,
+        num_text_levels=h.HSQG.NUM_LEVELS,
+        norm_groups=min(32, pd.CONV_DIM),
+    )
+    mask_head = DynamicMaskHead(
+        hidden_dim=dec.HIDDEN_DIM,
+        mask_dim=pd.MASK_DIM,
+        clip_dim=clip_dim,
+        kernel_mlp_layers=h.MASK_HEAD.KERNEL_MLP_LAYERS,
+        logit_scale_init=h.MASK_HEAD.LOGIT_SCALE_INIT,
+    )
+    decoder = DualQueryDecoder(
+        hidden_dim=dec.HIDDEN_DIM,
+        num_heads=dec.NUM_HEADS,
+        ffn_dim=dec.FFN_DIM,
+        num_layers=dec.NUM_LAYERS,
+        num_visual_queries=dec.NUM_VISUAL_QUERIES,
+        num_feature_levels=len(pd.IN_FEATURES),
+        num_text_levels=h.HSQG.NUM_LEVELS,
+        pre_norm=dec.PRE_NORM,
+        dropout=dec.DROPOUT,
+        mask_head=mask_head,
+        in_channels=pd.CONV_DIM,
+    )
+    return HierVLModel(
+        backbone=towers.backbone,
+        frozen_encoder=towers.frozen,
+        text_encoder=towers.text,
+        hsqg=hsqg,
+        pixel_decoder=pixel_decoder,
+        decoder=decoder,
+        feature_dropout=h.SSL.FP_DROPOUT,
+    )
+
+
+def build_objective(cfg, clip_dim: int) -> HierVLObjective:
+    """Supervised criterion + semi-supervised and vision-language losses (DESIGN §2-3).
+
+    ``clip_dim``: C, the CLIP embedding width of the built model (for Φ_p).
+    """
+    h = cfg.MODEL.HIERVL
+    loss, ssl, vl = h.LOSS, h.SSL, h.VL
+    matcher = QueryMatcher(
+        cost_class=loss.CLASS_WEIGHT,
+        cost_mask=loss.MASK_WEIGHT,
+        cost_dice=loss.DICE_WEIGHT,
+        num_points=loss.TRAIN_NUM_POINTS,
+    )
+    criterion = SetCriterion(
+        matcher=matcher,
+        class_weight=loss.CLASS_WEIGHT,
+        mask_weight=loss.MASK_WEIGHT,
+        dice_weight=loss.DICE_WEIGHT,
+        no_object_weight=loss.NO_OBJECT_WEIGHT,
+        deep_supervision=loss.DEEP_SUPERVISION,
+        num_points=loss.TRAIN_NUM_POINTS,
+        oversample_ratio=loss.OVERSAMPLE_RATIO,
+        importance_sample_ratio=loss.IMPORTANCE_SAMPLE_RATIO,
+        rel_weight=loss.REL_WEIGHT if h.HSQG.ENABLED else 0.0,
+        qt_weight=loss.QT_WEIGHT,
+    )
+    return HierVLObjective(
+        criterion=criterion,
+        semi_supervised=ssl.ENABLED,
+        consistency_weight=ssl.CONSISTENCY_WEIGHT,
+        conf_threshold=ssl.CONF_THRESHOLD,
+        consistency_mode=ssl.CONSISTENCY_MODE,
+        entropy_weight=ssl.ENTROPY_WEIGHT if ssl.ENTROPY_ENABLED else 0.0,
+        maskclip_weight=ssl.MASKCLIP_WEIGHT if ssl.MASKCLIP_ENABLED else 0.0,
+        maskclip_certainty=ssl.MASKCLIP_CERTAINTY,
+        maskclip_logit_scale=ssl.MASKCLIP_LOGIT_SCALE,
+        prompt_projector=PromptProjector(dim=clip_dim) if vl.PROMPT_ENABLED else None,
+        prompt_weight=vl.PROMPT_WEIGHT if vl.PROMPT_ENABLED else 0.0,
+        anchor_lambda=vl.ANCHOR_LAMBDA,
+        mask_weight=vl.MASK_WEIGHT if vl.MASK_ENABLED else 0.0,
+        mask_on_unlabeled=vl.MASK_ON_UNLABELED,
+        pt_weight=vl.PT_WEIGHT if vl.PT_ENABLED else 0.0,
+        pt_temperature=vl.PT_TEMPERATURE,
+    )

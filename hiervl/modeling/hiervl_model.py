@@ -1,0 +1,160 @@
+"""The whole HierVL network as one plain PyTorch module (DESIGN §1).
+
+    images ─► E_I^θ (CLIPImageBackbone) ─► res2..res5 ─┐
+    images ─► E_I^0 (frozen) ─► v ──► HSQG ◄── t_k ◄── E_T + prompt (CLIPTextEncoder)
+                                        │ queries (B,L,K,D), active (B,K)
+                                        ▼
+                     CMSAM pixel decoder ─► mask features, multi-scale maps, Q_aligned
+                                        ▼
+                     dual-query decoder + dynamic mask head ─► logits, masks, Φ(q)
+
+Shape letters: B images, K classes, L hierarchy levels, Q queries, C CLIP width,
+H×W the input, h×w the mask features (stride 4).
+
+No detectron2 here: ``hiervl/meta_arch.py`` builds this module from the config and
+adds pre/post-processing; the losses live in ``criterion.py`` / ``objective.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hiervl.modeling.inference import semantic_inference
+
+
+class HierVLModel(nn.Module):
+    """CLIP towers → HSQG → CMSAM pixel decoder → dual-query decoder → mask head."""
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        frozen_encoder: nn.Module,
+        text_encoder: nn.Module,
+        hsqg: nn.Module,
+        pixel_decoder: nn.Module,
+        decoder: nn.Module,
+        feature_dropout: float,
+    ):
+        """
+        Args:
+            backbone: fine-tuned image encoder E_I^θ (``CLIPImageBackbone``).
+            frozen_encoder: frozen copy E_I^0 (``FrozenCLIPImageEncoder``).
+            text_encoder: frozen text tower with the learnable prompt (``CLIPTextEncoder``).
+            hsqg: ``HSQG``.
+            pixel_decoder: ``CMSAMPixelDecoder``.
+            decoder: ``DualQueryDecoder`` (owns the dynamic mask head).
+            feature_dropout: Dropout2d rate on the backbone features of the
+                feature-perturbed view (UniMatch's L_fp; SSL.FP_DROPOUT).
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.frozen_encoder = frozen_encoder
+        self.text_encoder = text_encoder
+        self.hsqg = hsqg
+        self.pixel_decoder = pixel_decoder
+        self.decoder = decoder
+        self.feature_dropout = feature_dropout
+
+    @property
+    def size_divisibility(self) -> int:
+        """Input sides must be multiples of this (patch size × 2, for exact stride-32 maps)."""
+        return int(self.backbone.size_divisibility)
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(self.text_encoder.class_names)
+
+    def set_vocabulary(self, class_names: Sequence[str]) -> None:
+        """Replace the class list (open vocabulary); text embeddings are recomputed."""
+        self.text_encoder.set_vocabulary(list(class_names))
+
+    def class_embeddings(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(t, t_clip): prompt-tuned (K,C, with grad to the prompt) and frozen-template (K,C)."""
+        return self.text_encoder(), self.text_encoder.template_embeddings()
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        presence: Optional[torch.Tensor] = None,
+        labeled: Optional[torch.Tensor] = None,
+        perturb_features: bool = False,
+        text: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> Dict[str, object]:
+        """Predict masks and classes for a batch.
+
+        Args:
+            images: (B,3,H,W) CLIP-normalised, H and W multiples of ``size_divisibility``.
+            presence: (B,K) bool ground-truth class presence (labelled images) or None.
+            labeled: (B,) bool, which rows of ``presence`` are real ground truth.
+            perturb_features: apply Dropout2d(``feature_dropout``) to the backbone features.
+            text: precomputed ``class_embeddings()`` (computed here when None).
+        Returns:
+            The decoder's dict (``pred_logits`` (B,Q,K+1), ``pred_masks`` (B,Q,h,w),
+            ``query_proj`` (B,Q,C), ``aux_outputs``, ``query_valid`` (B,Q),
+            ``query_class`` (Q,)) plus ``relevance`` / ``gate`` / ``active`` (B,K) from
+            HSQG, ``frozen`` (E_I^0's features) and ``text`` (t, t_clip).
+        """
+        t, t_clip = self.class_embeddings() if text is None else text
+        frozen = self.frozen_encoder(images)
+        features = self.backbone(images)
+        if perturb_features:
+            features = {
+                k: F.dropout2d(v, p=self.feature_dropout, training=True)
+                for k, v in features.items()
+            }
+        gen = self.hsqg(t, frozen.global_embed, presence, labeled)
+        pix = self.pixel_decoder(features, gen.queries, gen.active)
+        out = self.decoder(
+            pix.text_queries, gen.active, pix.multi_scale_features, pix.mask_features, t
+        )
+        out.update(
+            relevance=gen.relevance,
+            gate=gen.gate,
+            active=gen.active,
+            frozen=frozen,
+            text=(t, t_clip),
+        )
+        return out
+
+    @staticmethod
+    def semantic_scores(outputs: Dict[str, object], size: Tuple[int, int]) -> torch.Tensor:
+        """Mask2Former's semantic scores S (B,K,H,W), bilinearly resized to ``size``.
+
+        S is combined at the mask-feature resolution and then resized (K maps instead
+        of Q mask logits), which keeps training-time probability maps affordable.
+        """
+        scores = semantic_inference(
+            outputs["pred_logits"], outputs["pred_masks"], outputs["query_valid"]
+        )
+        if tuple(scores.shape[-2:]) != tuple(size):
+            scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+        return scores
+
+    @staticmethod
+    def semantic_probs(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        """P = S normalised over classes (B,K,H,W); S ≥ 0 so this is a distribution."""
+        scores = scores.clamp_min(0)
+        return scores / scores.sum(dim=1, keepdim=True).clamp_min(eps)
+
+    def predict_scores(
+        self, images: torch.Tensor, text: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    ) -> torch.Tensor:
+        """Inference on one window: (B,3,H,W) any size → scores S (B,K,H,W).
+
+        The window is zero-padded at the bottom/right to a multiple of the patch size
+        and the padding is cropped from the scores. ``text``: cached ``class_embeddings()``.
+        """
+        h, w = images.shape[-2:]
+        div = self.size_divisibility
+        pad_h, pad_w = (-h) % div, (-w) % div
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h))
+        out = self(images, text=text)
+        scores = self.semantic_scores(out, images.shape[-2:])
+        return scores[:, :, :h, :w]
