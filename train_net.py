@@ -4,7 +4,8 @@
     python train_net.py --config-file configs/coco/hiervl_232.yaml
     python train_net.py --config-file configs/coco/hiervl_232.yaml --num-gpus 8
     python train_net.py --config-file configs/coco/hiervl_232.yaml --resume
-    python train_net.py --config-file configs/coco/hiervl_232.yaml --eval-only MODEL.WEIGHTS model.pth
+    python train_net.py --config-file configs/coco/hiervl_232.yaml --eval-only \
+        MODEL.WEIGHTS output/coco/hiervl_232/model_final.pth
 
 ``--num-gpus N`` starts N processes per machine (NCCL on GPUs, Gloo on CPU);
 ``--num-machines``, ``--machine-rank`` and ``--dist-url`` span several machines.
