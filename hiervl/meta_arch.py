@@ -182,6 +182,16 @@ class HierVL(nn.Module):
             self.model, labeled, unlabeled, iteration=iteration, max_iter=max_iter
         )
 
+    def _normalized(self, item: dict) -> torch.Tensor:
+        image = item["image"].to(self.device).float()[None]
+        return (image - self.pixel_mean) / self.pixel_std
+
+    @torch.no_grad()
+    def class_relevance(self, batched_inputs: List[dict]) -> List[torch.Tensor]:
+        """HSQG relevance (K,) of every class for each input image (for the demo)."""
+        text = self.model.class_embeddings()
+        return [self.model.class_relevance(self._normalized(d), text)[0] for d in batched_inputs]
+
     @torch.no_grad()
     def inference(self, batched_inputs: List[dict]) -> List[Dict[str, torch.Tensor]]:
         """Semantic scores per image at its original (height, width)."""
@@ -189,8 +199,7 @@ class HierVL(nn.Module):
         num_classes = text[0].shape[0]
         results = []
         for item in batched_inputs:
-            image = item["image"].to(self.device).float()[None]
-            image = (image - self.pixel_mean) / self.pixel_std
+            image = self._normalized(item)
             if self.sliding_window:
                 scores = sliding_window_inference(
                     lambda x: self.model.predict_scores(x, text),

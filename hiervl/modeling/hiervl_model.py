@@ -142,6 +142,17 @@ class HierVLModel(nn.Module):
         scores = scores.clamp_min(0)
         return scores / scores.sum(dim=1, keepdim=True).clamp_min(eps)
 
+    @torch.no_grad()
+    def class_relevance(
+        self, images: torch.Tensor, text: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    ) -> torch.Tensor:
+        """HSQG's predicted relevance s_k (B,K) of every class for each image (any size)."""
+        t = self.class_embeddings()[0] if text is None else text[0]
+        div = self.size_divisibility
+        pad_h, pad_w = (-images.shape[-2]) % div, (-images.shape[-1]) % div
+        images = F.pad(images, (0, pad_w, 0, pad_h))
+        return self.hsqg.relevance(t, self.frozen_encoder(images).global_embed)
+
     def predict_scores(
         self, images: torch.Tensor, text: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
     ) -> torch.Tensor:
