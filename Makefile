@@ -15,6 +15,12 @@ CUDA_HOME   ?= /usr/local/cuda
 TORCH_CUDA_ARCH_LIST ?= 9.0
 OP_SOURCES  := setup.py $(shell find hiervl/ops/csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
+BENCH_ARGS  ?=
+# The op build: hide setuptools' generic editable-install banner; on failure say what to do;
+# afterwards fail unless the kernels just built import (args: label, device that must work).
+OP_WARNINGS    := ignore:Editable installation
+OP_BUILD_HELP  := ERROR: building the MSDeformAttn op (hiervl._C) failed; the compiler output is above. See INSTALL.md, 'Troubleshooting'.
+OP_CHECK       := import sys; from hiervl.ops import compiled_available, kernel_status; print(f'[{sys.argv[1]}]', kernel_status()); sys.exit(0 if compiled_available(sys.argv[2]) else 'ERROR: hiervl._C has no ' + sys.argv[2] + ' kernel after the build; see INSTALL.md')
 # pip prints one warning per package for this machine kind's empty extra indexes.
 PIP_QUIET   := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
@@ -52,8 +58,9 @@ $(VENV)/.deps-stamp: requirements/cpu-lock.txt pyproject.toml
 
 $(VENV)/.op-stamp: $(VENV)/.deps-stamp $(OP_SOURCES)
 	@echo "[setup] building hiervl (MSDeformAttn CPU kernel) in $(VENV)"
-	@FORCE_CUDA=0 $(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	@$(PY) -c "from hiervl.ops import kernel_status; print('[setup]', kernel_status())"
+	@FORCE_CUDA=0 PYTHONWARNINGS="$(OP_WARNINGS)" \
+	  $(PY) -m pip install -q --no-deps --no-build-isolation -e . || { echo "$(OP_BUILD_HELP)"; exit 1; }
+	@$(PY) -c "$(OP_CHECK)" setup cpu
 	@touch $@
 
 setup-modern: $(VENV_MODERN)/.op-stamp
@@ -71,13 +78,15 @@ $(VENV_MODERN)/.deps-stamp: requirements/modern.txt
 $(VENV_MODERN)/.op-stamp: $(VENV_MODERN)/.deps-stamp $(OP_SOURCES)
 	@if [ -x "$(CUDA_HOME)/bin/nvcc" ]; then \
 	  echo "[setup-modern] building the op with CUDA (CUDA_HOME=$(CUDA_HOME), arch $(TORCH_CUDA_ARCH_LIST))"; \
-	  CUDA_HOME=$(CUDA_HOME) FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" \
-	    $(PY_MODERN) -m pip install -q --no-deps --no-build-isolation -e .; \
+	  CUDA_HOME=$(CUDA_HOME) FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" PYTHONWARNINGS="$(OP_WARNINGS)" \
+	    $(PY_MODERN) -m pip install -q --no-deps --no-build-isolation -e . || { echo "$(OP_BUILD_HELP)"; exit 1; }; \
+	  $(PY_MODERN) -c "$(OP_CHECK)" setup-modern cuda; \
 	else \
 	  echo "[setup-modern] nvcc not found under CUDA_HOME=$(CUDA_HOME): building the CPU kernel only"; \
-	  FORCE_CUDA=0 $(PY_MODERN) -m pip install -q --no-deps --no-build-isolation -e .; \
+	  FORCE_CUDA=0 PYTHONWARNINGS="$(OP_WARNINGS)" \
+	    $(PY_MODERN) -m pip install -q --no-deps --no-build-isolation -e . || { echo "$(OP_BUILD_HELP)"; exit 1; }; \
+	  $(PY_MODERN) -c "$(OP_CHECK)" setup-modern cpu; \
 	fi
-	@$(PY_MODERN) -c "from hiervl.ops import kernel_status; print('[setup-modern]', kernel_status())"
 	@touch $@
 
 ## --- tests -------------------------------------------------------------------
@@ -109,7 +118,7 @@ quickstart: setup
 	@exit 1
 
 bench: setup
-	$(PY) benchmarks/bench_msdeformattn.py
+	$(PY) benchmarks/bench_msdeformattn.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info hiervl/*.so hiervl/**/*.so $(VENV)/.op-stamp $(VENV_MODERN)/.op-stamp
