@@ -1,0 +1,65 @@
+"""The demo's visualiser: overlay arithmetic, legend rows and the drawn text."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cv2")
+
+from hiervl.demo.predictor import UNLABELED  # noqa: E402
+from hiervl.demo.visualizer import SemanticVisualizer, class_colors, legend_entries  # noqa: E402
+
+
+def test_overlay_blends_class_colours_exactly():
+    image = np.random.default_rng(5).integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
+    labels = np.zeros((30, 40), dtype=np.int64)
+    labels[:, 20:] = 1
+    labels[:5] = UNLABELED
+    colors = class_colors(2)
+    plain = SemanticVisualizer(alpha=0.25, draw_names=False, draw_legend=False)
+    out = plain.draw(image, labels, ["a", "b"])
+    expected = image.astype(float)
+    expected[5:, :20] = 0.25 * colors[0] + 0.75 * image[5:, :20]
+    expected[5:, 20:] = 0.25 * colors[1] + 0.75 * image[5:, 20:]
+    np.testing.assert_allclose(out.astype(float), expected, atol=1)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert len({tuple(c) for c in class_colors(20)}) == 20
+
+
+def test_legend_entries_and_text_are_drawn():
+    labels = np.full((120, 160), 2, dtype=np.int64)
+    labels[:, :40] = 0
+    labels[:10] = UNLABELED
+    entries = legend_entries(labels, ["sky", "road", "tree"])
+    assert [(e.name, e.index) for e in entries] == [("tree", 2), ("sky", 0), ("unlabelled", -1)]
+    fractions = [110 * 120 / 19200, 110 * 40 / 19200, 10 * 160 / 19200]
+    assert [e.fraction for e in entries] == pytest.approx(fractions)
+    image = np.full((120, 160, 3), 90, dtype=np.uint8)
+    bare = SemanticVisualizer(alpha=0.5, draw_names=False, draw_legend=False)
+    named = SemanticVisualizer(alpha=0.5, draw_names=True, draw_legend=False)
+    full = SemanticVisualizer(alpha=0.5)
+    base = bare.draw(image, labels, ["sky", "road", "tree"])
+    with_names = named.draw(image, labels, ["sky", "road", "tree"])
+    with_legend = full.draw(image, labels, ["sky", "road", "tree"])
+    # Names add white text inside the regions; the legend darkens the top-left corner.
+    assert (with_names != base).any() and (with_names == 255).all(axis=2).any()
+    # The legend box starts with a margin: its top-left pixel is the darkened image.
+    assert (with_legend[0, 0] == np.floor(base[0, 0] * (1 - 0.6))).all()
+    assert (with_legend[0, 0] == 36).all() and (with_legend[-1, -1] == base[-1, -1]).all()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        legend_entries(np.full((2, 2), 5), ["a"])
+
+
+def test_legend_stays_in_the_top_half_and_skips_tiny_images():
+    names = [f"class{k}" for k in range(12)]
+    labels = np.repeat(np.arange(12), 160 // 12 + 1)[:160][None].repeat(120, axis=0)
+    image = np.full((120, 160, 3), 90, dtype=np.uint8)
+    bare = SemanticVisualizer(alpha=0.5, draw_names=False, draw_legend=False)
+    legend_only = SemanticVisualizer(alpha=0.5, draw_names=False, draw_legend=True)
+    changed = (legend_only.draw(image, labels, names) != bare.draw(image, labels, names)).any(2)
+    rows = np.nonzero(changed.any(1))[0]
+    assert rows.size and rows.max() < 60  # 12 rows do not fit: "+n more" inside half the height
+    tiny = np.full((20, 20, 3), 90, dtype=np.uint8)
+    tiny_labels = np.repeat(np.arange(3), 7)[:20][None].repeat(20, axis=0)
+    np.testing.assert_array_equal(
+        legend_only.draw(tiny, tiny_labels, names[:3]), bare.draw(tiny, tiny_labels, names[:3])
+    )
