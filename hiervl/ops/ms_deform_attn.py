@@ -37,6 +37,7 @@ class MSDeformAttnFunction(torch.autograd.Function):
     ):
         module = _ext.compiled_module()
         assert module is not None, "MSDeformAttnFunction called without hiervl._C"
+        ctx.module = module  # the backward uses the very kernels that ran forward
         ctx.save_for_backward(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
@@ -48,7 +49,7 @@ class MSDeformAttnFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         value, shapes, starts, locations, weights = ctx.saved_tensors
-        grad_value, grad_locations, grad_weights = _ext.compiled_module().ms_deform_attn_backward(
+        grad_value, grad_locations, grad_weights = ctx.module.ms_deform_attn_backward(
             value, shapes, starts, locations, weights, grad_output.contiguous()
         )
         return grad_value, None, None, grad_locations, grad_weights
@@ -184,10 +185,11 @@ class MSDeformAttn(nn.Module):
                 f"{tuple(input_spatial_shapes.shape)}, expected ({self.n_levels}, 2) "
                 f"for n_levels={self.n_levels}"
             )
-        if sum(level_sizes(input_spatial_shapes)) != s:
+        covered = sum(level_sizes(input_spatial_shapes))
+        if covered != s:
             raise ValueError(
                 f"MSDeformAttn: input_spatial_shapes {input_spatial_shapes.tolist()} cover "
-                f"{sum(level_sizes(input_spatial_shapes))} positions but input_flatten has {s}"
+                f"{covered} positions but input_flatten has {s}"
             )
         if reference_points.shape != (n, n_queries, self.n_levels, 2):
             raise ValueError(
