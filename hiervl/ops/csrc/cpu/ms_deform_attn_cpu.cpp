@@ -1,9 +1,11 @@
 // CPU kernels of multi-scale deformable attention (float32 and float64).
 //
 // Forward: one task per (batch, query); each writes only its own output row.
-// Backward: one task per (batch, head). grad_value[n, :, h, :] is touched only by the task
-// that owns (n, h), and every grad entry of the sampling locations / attention weights
-// belongs to exactly one (n, h), so the scatter needs neither atomics nor per-thread copies.
+// Backward: one task per (batch, head, level). The taps of level l lie inside level l's rows
+// of value, so grad_value[n, rows of l, h, :] is touched only by the task that owns
+// (n, h, l), and every grad entry of the sampling locations / attention weights belongs to
+// exactly one such task: the scatter needs neither atomics nor per-thread copies. Every task
+// handles Lq * nP samples whatever its level's size, so the tasks are balanced.
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -129,46 +131,45 @@ void backward_kernel(
     T* __restrict__ grad_weights,
     const Dims d) {
   const int64_t row = d.heads * d.channels;
-  at::parallel_for(0, d.batch * d.heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d.batch * d.heads * d.levels, 1, [&](int64_t begin, int64_t end) {
     Taps<T> taps;
-    for (int64_t nh = begin; nh < end; ++nh) {
-      const int64_t n = nh / d.heads, h = nh % d.heads;
-      const int64_t batch_offset = n * d.positions * row + h * d.channels;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t l = task % d.levels;
+      const int64_t h = (task / d.levels) % d.heads;
+      const int64_t n = task / (d.levels * d.heads);
+      const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
+      const int64_t level_offset = (n * d.positions + starts[l]) * row + h * d.channels;
       for (int64_t q = 0; q < d.queries; ++q) {
         const int64_t nqh = (n * d.queries + q) * d.heads + h;
         const T* __restrict__ g = grad_out + nqh * d.channels;
-        int64_t k = nqh * d.levels * d.points;
-        for (int64_t l = 0; l < d.levels; ++l) {
-          const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
-          const int64_t level_offset = batch_offset + starts[l] * row;
-          for (int64_t p = 0; p < d.points; ++p, ++k) {
-            // Out-of-map samples keep their zero-initialised gradients.
-            if (!bilinear_taps(locations[2 * k], locations[2 * k + 1], height, width, taps)) {
-              continue;
-            }
-            const T a = weights[k];
-            T grad_a = 0, grad_x = 0, grad_y = 0;
-            for (int t = 0; t < 4; ++t) {
-              if (taps.index[t] < 0) continue;
-              const int64_t offset = level_offset + taps.index[t] * row;
-              const T* __restrict__ v = value + offset;
-              T* __restrict__ gv = grad_value + offset;
-              const T scale = a * taps.weight[t];
-              T dot = 0;  // <grad_out, value tap>
-#pragma omp simd reduction(+ : dot)
-              for (int64_t c = 0; c < d.channels; ++c) {
-                dot += g[c] * v[c];
-                gv[c] += scale * g[c];
-              }
-              grad_a += taps.weight[t] * dot;
-              grad_x += taps.dwdx[t] * dot;
-              grad_y += taps.dwdy[t] * dot;
-            }
-            grad_weights[k] = grad_a;
-            // d(pixel x)/d(loc x) = W and d(pixel y)/d(loc y) = H.
-            grad_locations[2 * k] = a * grad_x * static_cast<T>(width);
-            grad_locations[2 * k + 1] = a * grad_y * static_cast<T>(height);
+        int64_t k = (nqh * d.levels + l) * d.points;  // flat sample index
+        for (int64_t p = 0; p < d.points; ++p, ++k) {
+          // Out-of-map samples keep their zero-initialised gradients.
+          if (!bilinear_taps(locations[2 * k], locations[2 * k + 1], height, width, taps)) {
+            continue;
           }
+          const T a = weights[k];
+          T grad_a = 0, grad_x = 0, grad_y = 0;
+          for (int t = 0; t < 4; ++t) {
+            if (taps.index[t] < 0) continue;
+            const int64_t offset = level_offset + taps.index[t] * row;
+            const T* __restrict__ v = value + offset;
+            T* __restrict__ gv = grad_value + offset;
+            const T scale = a * taps.weight[t];
+            T dot = 0;  // <grad_out, value tap>
+#pragma omp simd reduction(+ : dot)
+            for (int64_t c = 0; c < d.channels; ++c) {
+              dot += g[c] * v[c];
+              gv[c] += scale * g[c];
+            }
+            grad_a += taps.weight[t] * dot;
+            grad_x += taps.dwdx[t] * dot;
+            grad_y += taps.dwdy[t] * dot;
+          }
+          grad_weights[k] = grad_a;
+          // d(pixel x)/d(loc x) = W and d(pixel y)/d(loc y) = H.
+          grad_locations[2 * k] = a * grad_x * static_cast<T>(width);
+          grad_locations[2 * k + 1] = a * grad_y * static_cast<T>(height);
         }
       }
     }
