@@ -107,12 +107,6 @@ def test_sliding_window_equals_whole_image_when_the_window_is_the_image(model):
     assert torch.equal(sliding, whole)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hiervl/evaluation/sliding_window.py pads an image smaller than the window up to "
-    "the window size, so the network sees extra zero context that whole-image inference "
-    "(padding only to size_divisibility) does not",
-)
 @pytest.mark.parametrize("height,width", [(64, 64), (45, 67)])
 def test_sliding_window_equals_whole_image_when_the_window_covers_it(model, height, width):
     image = _image(height, width, seed=4)

@@ -103,12 +103,6 @@ def test_overfit_network_masks_segment_the_image(trained):
     assert mean_iou(scores.argmax(dim=1)[0], gt) > 0.9
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hiervl/modeling/hiervl_model.py semantic_scores combines sigmoid(masks) at stride "
-    "4 and resizes S, instead of resizing the mask logits first as Mask2Former does: the "
-    "saturated sigmoids lose the sub-stride boundary position (mIoU ~0.85 vs ~0.97)",
-)
 def test_overfit_model_inference_segments_the_image(trained):
     model, item, _, _ = trained
     with torch.no_grad():

@@ -4,15 +4,14 @@ Shape letters: B batch, K classes, H×W the image, h×w one window (``crop``).
 
 Windows of ``crop × crop`` are placed every ``stride`` pixels (the last window of a
 row/column is shifted back so it ends at the border); scores of overlapping windows
-are averaged. Images smaller than the window are zero-padded at the bottom/right to
-the window size and the padding is cropped away from the result, so the output
-always has the input's size.
+are averaged. Along a side shorter than ``crop`` the window is the whole side (no
+padding to the crop size, as in mmsegmentation's slide inference), so a window that
+covers the image gives exactly whole-image inference.
 """
 
 from typing import Callable, List
 
 import torch
-import torch.nn.functional as F
 
 
 def window_starts(length: int, crop: int, stride: int) -> List[int]:
@@ -46,15 +45,11 @@ def sliding_window_inference(
         (B,K,H,W) averaged scores.
     """
     b, _, height, width = images.shape
-    pad_h, pad_w = max(crop - height, 0), max(crop - width, 0)
-    if pad_h or pad_w:
-        images = F.pad(images, (0, pad_w, 0, pad_h))
-    full_h, full_w = images.shape[-2:]
-    scores = images.new_zeros((b, num_classes, full_h, full_w))
-    counts = images.new_zeros((1, 1, full_h, full_w))
-    win_h, win_w = min(crop, full_h), min(crop, full_w)
-    for top in window_starts(full_h, win_h, stride):
-        for left in window_starts(full_w, win_w, stride):
+    scores = images.new_zeros((b, num_classes, height, width))
+    counts = images.new_zeros((1, 1, height, width))
+    win_h, win_w = min(crop, height), min(crop, width)
+    for top in window_starts(height, win_h, stride):
+        for left in window_starts(width, win_w, stride):
             window = images[:, :, top : top + win_h, left : left + win_w]
             out = predict(window)
             assert out.shape == (b, num_classes, win_h, win_w), (
@@ -62,4 +57,4 @@ def sliding_window_inference(
             )
             scores[:, :, top : top + win_h, left : left + win_w] += out
             counts[:, :, top : top + win_h, left : left + win_w] += 1
-    return (scores / counts)[:, :, :height, :width]
+    return scores / counts

@@ -124,10 +124,11 @@ class HierVLModel(nn.Module):
 
     @staticmethod
     def semantic_scores(outputs: Dict[str, object], size: Tuple[int, int]) -> torch.Tensor:
-        """Mask2Former's semantic scores S (B,K,H,W), bilinearly resized to ``size``.
+        """Semantic scores S (B,K,H,W) for training-time probability maps.
 
-        S is combined at the mask-feature resolution and then resized (K maps instead
-        of Q mask logits), which keeps training-time probability maps affordable.
+        S is combined at the mask-feature resolution and then resized (K maps instead of
+        Q mask logits), which keeps the per-pixel maps of the semi-supervised losses
+        affordable; inference (:meth:`predict_scores`) resizes the mask logits first.
         """
         scores = semantic_inference(
             outputs["pred_logits"], outputs["pred_masks"], outputs["query_valid"]
@@ -167,5 +168,10 @@ class HierVLModel(nn.Module):
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
         out = self(images, text=text)
-        scores = self.semantic_scores(out, images.shape[-2:])
+        # Mask2Former's order: resize the mask logits, then combine (sharper boundaries
+        # than combining at stride 4 and resizing the class scores).
+        masks = F.interpolate(
+            out["pred_masks"], size=images.shape[-2:], mode="bilinear", align_corners=False
+        )
+        scores = semantic_inference(out["pred_logits"], masks, out["query_valid"])
         return scores[:, :, :h, :w]

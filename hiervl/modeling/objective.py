@@ -159,6 +159,8 @@ class HierVLObjective(nn.Module):
         losses, frozen = self.supervised_losses(model, labeled, text)
         pseudo = None
         if unlabeled is not None:
+            if not self.semi_supervised:
+                raise ValueError("an unlabelled batch was given but SSL.ENABLED is False")
             scale = UNIMATCH_WEIGHTS["x"]
             losses = {k: v * scale for k, v in losses.items()}
             pseudo = self.teacher_targets(model, unlabeled, text)

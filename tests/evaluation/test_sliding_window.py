@@ -33,7 +33,7 @@ def test_overlaps_are_averaged():
         calls.append(len(calls))
         return torch.full((x.shape[0], 1, *x.shape[-2:]), float(len(calls) - 1))
 
-    images = torch.zeros(1, 3, 1, 6)  # padded to height 4; windows at x = 0, 2 (width 4)
+    images = torch.zeros(1, 3, 1, 6)  # window 1x4 (height < crop); windows at x = 0, 2
     out = sliding_window_inference(predict, images, crop=4, stride=2, num_classes=1)
     expected = torch.tensor([0.0, 0.0, 0.5, 0.5, 1.0, 1.0])
     torch.testing.assert_close(out[0, 0, 0], expected)
@@ -48,5 +48,5 @@ def test_window_covering_image_is_a_single_call():
 
     images = torch.randn(1, 3, 10, 7)
     out = sliding_window_inference(predict, images, crop=16, stride=8, num_classes=2)
-    assert calls == [torch.Size([1, 3, 16, 16])]
+    assert calls == [torch.Size([1, 3, 10, 7])]
     torch.testing.assert_close(out, images[:, :2])

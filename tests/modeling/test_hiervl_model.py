@@ -154,12 +154,6 @@ def test_predict_scores_crops_the_padding_back_off(model, height, width):
     torch.testing.assert_close(scores, reference[:, :, :height, :width])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hiervl/modeling/hiervl_model.py semantic_scores combines sigmoid(masks) at stride "
-    "4 and resizes S; Mask2Former resizes the mask logits first (sharper, sub-stride "
-    "boundaries: see tests/test_overfit.py)",
-)
 def test_predict_scores_resizes_mask_logits_before_the_sigmoid(model):
     images = _images(1)
     with torch.no_grad():
