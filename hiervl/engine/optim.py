@@ -1,11 +1,14 @@
 """Optimizer and LR schedule of the paper's recipe (DESIGN §5).
 
 AdamW with per-parameter learning-rate multipliers through detectron2's
-``get_default_optimizer_params``: the fine-tuned image encoder learns at
+``get_default_optimizer_params``: the fine-tuned CLIP image encoder learns at
 ``BACKBONE_MULTIPLIER`` × base LR, the paper's new components (HSQG, CMSAM, the
-dual-query decoder with its mask head, the prompt) at ``HEAD_MULTIPLIER`` ×, the rest
-of the pixel decoder at 1×. Frozen towers have ``requires_grad=False`` and are skipped.
+dual-query decoder with its mask head, the prompt and its projector Φ_p) at
+``HEAD_MULTIPLIER`` ×, the rest (the backbone's feature pyramid, the pixel decoder's
+deformable encoder and FPN) at 1×. Frozen towers have ``requires_grad=False`` and are skipped.
 The schedule is linear warm-up then polynomial decay (power ``POLY_LR_POWER``).
+Gradient clipping (SOLVER.CLIP_GRADIENTS) adds Mask2Former's "full_model" type (one norm
+over all gradients) to detectron2's per-parameter "norm" and "value".
 """
 
 import torch
@@ -14,14 +17,16 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
-# Parameter-name prefixes (inside the meta-architecture) of each LR group.
-BACKBONE_PREFIXES = ("model.backbone.",)
+# Parameter-name prefixes (``HierVL.named_parameters()``: the network is ``model``, the
+# losses' own parameters ``objective``) of each LR group. The backbone's simple feature
+# pyramid is new (randomly initialised), so it learns at 1x like the pixel decoder.
+BACKBONE_PREFIXES = ("model.backbone.visual.",)
 HEAD_PREFIXES = (
     "model.hsqg.",
     "model.pixel_decoder.cmsam",
-    "model.decoder.",
+    "model.decoder.",  # includes the dynamic mask head
     "model.text_encoder.",  # only the prompt context requires grad there
-    "prompt_projector.",
+    "objective.prompt_projector.",  # Φ_p of L_prompt
 )
 
 
@@ -36,41 +41,69 @@ def lr_factor(name: str, *, backbone_multiplier: float, head_multiplier: float) 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW (or SGD) over the trainable parameters with the LR multipliers above."""
-    solver = cfg.SOLVER
 
     def factor(name: str) -> float:
         return lr_factor(
             name,
-            backbone_multiplier=solver.BACKBONE_MULTIPLIER,
-            head_multiplier=solver.HEAD_MULTIPLIER,
+            backbone_multiplier=cfg.SOLVER.BACKBONE_MULTIPLIER,
+            head_multiplier=cfg.SOLVER.HEAD_MULTIPLIER,
         )
 
     params = get_default_optimizer_params(
         model,
-        base_lr=solver.BASE_LR,
-        weight_decay=solver.WEIGHT_DECAY,
-        weight_decay_norm=solver.WEIGHT_DECAY_NORM,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
         lr_factor_func=factor,
     )
-    name = solver.OPTIMIZER.upper()
+    name = cfg.SOLVER.OPTIMIZER.upper()
+    kwargs = {"lr": cfg.SOLVER.BASE_LR}
     if name == "ADAMW":
-        optim_cls, kwargs = torch.optim.AdamW, {"lr": solver.BASE_LR}
+        optim_cls = torch.optim.AdamW
     elif name == "SGD":
-        optim_cls, kwargs = torch.optim.SGD, {"lr": solver.BASE_LR, "momentum": solver.MOMENTUM}
+        optim_cls, kwargs["momentum"] = torch.optim.SGD, cfg.SOLVER.MOMENTUM
     else:
-        raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {solver.OPTIMIZER!r}")
-    return maybe_add_gradient_clipping(cfg, optim_cls)(params, **kwargs)
+        raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {cfg.SOLVER.OPTIMIZER!r}")
+    return with_gradient_clipping(cfg, optim_cls)(params, **kwargs)
+
+
+def with_gradient_clipping(cfg, optim_cls: type) -> type:
+    """``optim_cls``, or a subclass clipping the gradients before every step.
+
+    SOLVER.CLIP_GRADIENTS.CLIP_TYPE: "full_model" clips the norm of all gradients taken
+    together (one vector over every parameter) to CLIP_VALUE, Mask2Former's choice;
+    "norm" / "value" are detectron2's per-parameter clippers.
+    """
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if not clip.ENABLED:
+        return optim_cls
+    if clip.CLIP_TYPE in ("norm", "value"):
+        return maybe_add_gradient_clipping(cfg, optim_cls)
+    if clip.CLIP_TYPE != "full_model":
+        raise ValueError(
+            "SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be 'full_model', 'norm' or 'value', "
+            f"got {clip.CLIP_TYPE!r}"
+        )
+    max_norm, norm_type = float(clip.CLIP_VALUE), float(clip.NORM_TYPE)
+
+    class FullModelClipping(optim_cls):
+        def step(self, closure=None):
+            params = [p for group in self.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            return super().step(closure)
+
+    FullModelClipping.__name__ = f"{optim_cls.__name__}WithFullModelClipping"
+    return FullModelClipping
 
 
 def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
     """Linear warm-up + poly decay over ``SOLVER.MAX_ITER`` iterations."""
-    solver = cfg.SOLVER
-    if solver.LR_SCHEDULER_NAME != "WarmupPolyLR":
+    if cfg.SOLVER.LR_SCHEDULER_NAME != "WarmupPolyLR":
         raise ValueError(
             f"SOLVER.LR_SCHEDULER_NAME must be 'WarmupPolyLR' for HierVL, "
-            f"got {solver.LR_SCHEDULER_NAME!r}"
+            f"got {cfg.SOLVER.LR_SCHEDULER_NAME!r}"
         )
-    poly = PolynomialDecayParamScheduler(1.0, solver.POLY_LR_POWER)
-    warmup = min(solver.WARMUP_ITERS / max(solver.MAX_ITER, 1), 1.0)
-    sched = WarmupParamScheduler(poly, solver.WARMUP_FACTOR, warmup, solver.WARMUP_METHOD)
-    return LRMultiplier(optimizer, multiplier=sched, max_iter=solver.MAX_ITER)
+    poly = PolynomialDecayParamScheduler(1.0, cfg.SOLVER.POLY_LR_POWER)
+    warmup = min(cfg.SOLVER.WARMUP_ITERS / max(cfg.SOLVER.MAX_ITER, 1), 1.0)
+    sched = WarmupParamScheduler(poly, cfg.SOLVER.WARMUP_FACTOR, warmup, cfg.SOLVER.WARMUP_METHOD)
+    return LRMultiplier(optimizer, multiplier=sched, max_iter=cfg.SOLVER.MAX_ITER)

@@ -73,10 +73,12 @@ class SemiSupervisedStep(SimpleTrainer):
 
     def run_step(self):
         assert self.model.training, "[SemiSupervisedStep] model was changed to eval mode!"
-        torch.manual_seed(self.seed + 1_000_003 * self.iter + comm.get_rank())
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
+        # Seeded after fetching: the first ``next`` of a DataLoader draws its base seed
+        # from the global RNG, and a resumed run makes that first call at another iteration.
+        torch.manual_seed(self.seed + 1_000_003 * self.iter + comm.get_rank())
         if isinstance(data, dict):
             data = dict(data, iteration=self.iter, max_iter=self.max_iter)
 

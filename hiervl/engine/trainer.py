@@ -29,18 +29,38 @@ from hiervl.engine.step import SemiSupervisedStep
 logger = logging.getLogger(__name__)
 
 
+class MetricPrinter(CommonMetricPrinter):
+    """detectron2's console printer, safe to call twice at one iteration.
+
+    Until the iteration timer has samples (3 iterations after the start), the printer
+    estimates the ETA by dividing by the iterations since its last write. When training
+    stops with an exception after the writers ran for an iteration (e.g. raised by a hook
+    registered after them), ``PeriodicWriter.after_train`` writes that iteration again and
+    the ZeroDivisionError, raised in a ``finally`` block, replaces the real exception.
+    """
+
+    def _get_eta(self, storage):
+        if self._last_write is not None and self._last_write[0] == storage.iter:
+            return None
+        return super()._get_eta(storage)
+
+
 class HierVLTrainer(DefaultTrainer):
     """Semi-supervised trainer (see module docstring)."""
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
         self.cfg = cfg
+        if comm.is_main_process() and cfg.OUTPUT_DIR:
+            # default_setup makes it in train_net.py; a trainer built directly must too
+            # (the event writers open their files at construction).
+            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False)
+        model = wrap_ddp(model)
         self._trainer = SemiSupervisedStep(
             model,
             data_loader,
@@ -64,7 +84,7 @@ class HierVLTrainer(DefaultTrainer):
 
     def build_writers(self):
         return [
-            CommonMetricPrinter(self.max_iter),
+            MetricPrinter(self.max_iter),
             JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "events.json")),
             TensorboardXWriter(self.cfg.OUTPUT_DIR),
         ]
@@ -107,6 +127,24 @@ class HierVLTrainer(DefaultTrainer):
         if comm.is_main_process() and results:
             write_metrics_json(cfg, results)
         return results
+
+
+def wrap_ddp(model):
+    """DistributedDataParallel over the processes (the model itself with one process).
+
+    detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]``, which DDP
+    rejects for CPU modules (Gloo runs): CPU models get ``device_ids=None``.
+    ``find_unused_parameters``: every loss term can be switched off, and some parameters
+    then get no gradient (e.g. without L_pt the image tower's ``ln_post``/``proj``, the
+    CLIP-space head); DDP without the flag fails on the second iteration. The cost is one
+    walk over the autograd graph per iteration.
+    """
+    device_ids = None
+    if next(model.parameters()).device.type == "cuda":
+        device_ids = [comm.get_local_rank()]
+    return create_ddp_model(
+        model, broadcast_buffers=False, device_ids=device_ids, find_unused_parameters=True
+    )
 
 
 def write_metrics_json(cfg, results) -> str:
