@@ -52,16 +52,15 @@ def build_hiervl_model(cfg, class_names: Sequence[str]) -> HierVLModel:
         class_names=class_names,
     )
     clip_dim = towers.backbone.embed_dim
-    pd, dec = h.PIXEL_DECODER, h.DECODER
-    if pd.CONV_DIM != dec.HIDDEN_DIM:
+    if h.PIXEL_DECODER.CONV_DIM != h.DECODER.HIDDEN_DIM:
         raise ValueError(
             "MODEL.HIERVL.PIXEL_DECODER.CONV_DIM must equal MODEL.HIERVL.DECODER.HIDDEN_DIM "
-            f"(text queries flow from CMSAM into the decoder), got {pd.CONV_DIM} and "
-            f"{dec.HIDDEN_DIM}"
+            f"(text queries flow from CMSAM into the decoder), got {h.PIXEL_DECODER.CONV_DIM} and "
+            f"{h.DECODER.HIDDEN_DIM}"
         )
     hsqg = HSQG(
         clip_dim=clip_dim,
-        hidden_dim=pd.CONV_DIM,
+        hidden_dim=h.PIXEL_DECODER.CONV_DIM,
         num_levels=h.HSQG.NUM_LEVELS,
         relevance_threshold=h.HSQG.RELEVANCE_THRESHOLD,
         min_active=h.HSQG.MIN_ACTIVE,
@@ -71,41 +70,41 @@ def build_hiervl_model(cfg, class_names: Sequence[str]) -> HierVLModel:
     )
     pixel_decoder = CMSAMPixelDecoder(
         input_shape=towers.backbone.output_shape(),
-        transformer_in_features=list(pd.IN_FEATURES),
-        conv_dim=pd.CONV_DIM,
-        mask_dim=pd.MASK_DIM,
-        num_encoder_layers=pd.NUM_ENCODER_LAYERS,
-        num_heads=pd.NUM_HEADS,
-        num_points=pd.NUM_POINTS,
-        ffn_dim=pd.FFN_DIM,
-        dropout=pd.DROPOUT,
-        common_stride=pd.COMMON_STRIDE,
+        transformer_in_features=list(h.PIXEL_DECODER.IN_FEATURES),
+        conv_dim=h.PIXEL_DECODER.CONV_DIM,
+        mask_dim=h.PIXEL_DECODER.MASK_DIM,
+        num_encoder_layers=h.PIXEL_DECODER.NUM_ENCODER_LAYERS,
+        num_heads=h.PIXEL_DECODER.NUM_HEADS,
+        num_points=h.PIXEL_DECODER.NUM_POINTS,
+        ffn_dim=h.PIXEL_DECODER.FFN_DIM,
+        dropout=h.PIXEL_DECODER.DROPOUT,
+        common_stride=h.PIXEL_DECODER.COMMON_STRIDE,
         cmsam_enabled=h.CMSAM.ENABLED,
         cmsam_heads=h.CMSAM.NUM_HEADS,
         cmsam_ffn_dim=h.CMSAM.FFN_DIM,
         cmsam_dropout=h.CMSAM.DROPOUT,
         num_text_levels=h.HSQG.NUM_LEVELS,
-        norm_groups=min(32, pd.CONV_DIM),
+        norm_groups=min(32, h.PIXEL_DECODER.CONV_DIM),
     )
     mask_head = DynamicMaskHead(
-        hidden_dim=dec.HIDDEN_DIM,
-        mask_dim=pd.MASK_DIM,
+        hidden_dim=h.DECODER.HIDDEN_DIM,
+        mask_dim=h.PIXEL_DECODER.MASK_DIM,
         clip_dim=clip_dim,
         kernel_mlp_layers=h.MASK_HEAD.KERNEL_MLP_LAYERS,
         logit_scale_init=h.MASK_HEAD.LOGIT_SCALE_INIT,
     )
     decoder = DualQueryDecoder(
-        hidden_dim=dec.HIDDEN_DIM,
-        num_heads=dec.NUM_HEADS,
-        ffn_dim=dec.FFN_DIM,
-        num_layers=dec.NUM_LAYERS,
-        num_visual_queries=dec.NUM_VISUAL_QUERIES,
-        num_feature_levels=len(pd.IN_FEATURES),
+        hidden_dim=h.DECODER.HIDDEN_DIM,
+        num_heads=h.DECODER.NUM_HEADS,
+        ffn_dim=h.DECODER.FFN_DIM,
+        num_layers=h.DECODER.NUM_LAYERS,
+        num_visual_queries=h.DECODER.NUM_VISUAL_QUERIES,
+        num_feature_levels=len(h.PIXEL_DECODER.IN_FEATURES),
         num_text_levels=h.HSQG.NUM_LEVELS,
-        pre_norm=dec.PRE_NORM,
-        dropout=dec.DROPOUT,
+        pre_norm=h.DECODER.PRE_NORM,
+        dropout=h.DECODER.DROPOUT,
         mask_head=mask_head,
-        in_channels=pd.CONV_DIM,
+        in_channels=h.PIXEL_DECODER.CONV_DIM,
     )
     return HierVLModel(
         backbone=towers.backbone,
@@ -124,41 +123,40 @@ def build_objective(cfg, clip_dim: int) -> HierVLObjective:
     ``clip_dim``: C, the CLIP embedding width of the built model (for Φ_p).
     """
     h = cfg.MODEL.HIERVL
-    loss, ssl, vl = h.LOSS, h.SSL, h.VL
     matcher = QueryMatcher(
-        cost_class=loss.CLASS_WEIGHT,
-        cost_mask=loss.MASK_WEIGHT,
-        cost_dice=loss.DICE_WEIGHT,
-        num_points=loss.TRAIN_NUM_POINTS,
+        cost_class=h.LOSS.CLASS_WEIGHT,
+        cost_mask=h.LOSS.MASK_WEIGHT,
+        cost_dice=h.LOSS.DICE_WEIGHT,
+        num_points=h.LOSS.TRAIN_NUM_POINTS,
     )
     criterion = SetCriterion(
         matcher=matcher,
-        class_weight=loss.CLASS_WEIGHT,
-        mask_weight=loss.MASK_WEIGHT,
-        dice_weight=loss.DICE_WEIGHT,
-        no_object_weight=loss.NO_OBJECT_WEIGHT,
-        deep_supervision=loss.DEEP_SUPERVISION,
-        num_points=loss.TRAIN_NUM_POINTS,
-        oversample_ratio=loss.OVERSAMPLE_RATIO,
-        importance_sample_ratio=loss.IMPORTANCE_SAMPLE_RATIO,
-        rel_weight=loss.REL_WEIGHT if h.HSQG.ENABLED else 0.0,
-        qt_weight=loss.QT_WEIGHT,
+        class_weight=h.LOSS.CLASS_WEIGHT,
+        mask_weight=h.LOSS.MASK_WEIGHT,
+        dice_weight=h.LOSS.DICE_WEIGHT,
+        no_object_weight=h.LOSS.NO_OBJECT_WEIGHT,
+        deep_supervision=h.LOSS.DEEP_SUPERVISION,
+        num_points=h.LOSS.TRAIN_NUM_POINTS,
+        oversample_ratio=h.LOSS.OVERSAMPLE_RATIO,
+        importance_sample_ratio=h.LOSS.IMPORTANCE_SAMPLE_RATIO,
+        rel_weight=h.LOSS.REL_WEIGHT if h.HSQG.ENABLED else 0.0,
+        qt_weight=h.LOSS.QT_WEIGHT,
     )
     return HierVLObjective(
         criterion=criterion,
-        semi_supervised=ssl.ENABLED,
-        consistency_weight=ssl.CONSISTENCY_WEIGHT,
-        conf_threshold=ssl.CONF_THRESHOLD,
-        consistency_mode=ssl.CONSISTENCY_MODE,
-        entropy_weight=ssl.ENTROPY_WEIGHT if ssl.ENTROPY_ENABLED else 0.0,
-        maskclip_weight=ssl.MASKCLIP_WEIGHT if ssl.MASKCLIP_ENABLED else 0.0,
-        maskclip_certainty=ssl.MASKCLIP_CERTAINTY,
-        maskclip_logit_scale=ssl.MASKCLIP_LOGIT_SCALE,
-        prompt_projector=PromptProjector(dim=clip_dim) if vl.PROMPT_ENABLED else None,
-        prompt_weight=vl.PROMPT_WEIGHT if vl.PROMPT_ENABLED else 0.0,
-        anchor_lambda=vl.ANCHOR_LAMBDA,
-        mask_weight=vl.MASK_WEIGHT if vl.MASK_ENABLED else 0.0,
-        mask_on_unlabeled=vl.MASK_ON_UNLABELED,
-        pt_weight=vl.PT_WEIGHT if vl.PT_ENABLED else 0.0,
-        pt_temperature=vl.PT_TEMPERATURE,
+        semi_supervised=h.SSL.ENABLED,
+        consistency_weight=h.SSL.CONSISTENCY_WEIGHT,
+        conf_threshold=h.SSL.CONF_THRESHOLD,
+        consistency_mode=h.SSL.CONSISTENCY_MODE,
+        entropy_weight=h.SSL.ENTROPY_WEIGHT if h.SSL.ENTROPY_ENABLED else 0.0,
+        maskclip_weight=h.SSL.MASKCLIP_WEIGHT if h.SSL.MASKCLIP_ENABLED else 0.0,
+        maskclip_certainty=h.SSL.MASKCLIP_CERTAINTY,
+        maskclip_logit_scale=h.SSL.MASKCLIP_LOGIT_SCALE,
+        prompt_projector=PromptProjector(dim=clip_dim) if h.VL.PROMPT_ENABLED else None,
+        prompt_weight=h.VL.PROMPT_WEIGHT if h.VL.PROMPT_ENABLED else 0.0,
+        anchor_lambda=h.VL.ANCHOR_LAMBDA,
+        mask_weight=h.VL.MASK_WEIGHT if h.VL.MASK_ENABLED else 0.0,
+        mask_on_unlabeled=h.VL.MASK_ON_UNLABELED,
+        pt_weight=h.VL.PT_WEIGHT if h.VL.PT_ENABLED else 0.0,
+        pt_temperature=h.VL.PT_TEMPERATURE,
     )

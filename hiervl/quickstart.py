@@ -28,7 +28,7 @@ from detectron2.utils.logger import setup_logger
 from hiervl.demo.visualizer import SemanticVisualizer
 from hiervl.engine.checkpoint import atomic_write_text
 from hiervl.engine.launcher import setup_cfg
-from hiervl.engine.trainer import HierVLTrainer
+from hiervl.engine.trainer import HierVLTrainer, json_safe
 
 logger = logging.getLogger("hiervl.quickstart")
 
@@ -161,7 +161,7 @@ def main(argv: List[str] = None) -> Dict[str, dict]:
         "seconds": round(time.perf_counter() - start, 1),
     }
     path = os.path.join(args.output_dir, "metrics.json")
-    atomic_write_text(json.dumps(metrics, indent=2) + "\n", path)
+    atomic_write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n", path)
     rows = [
         (f"semi-supervised ({n_labeled} labelled + {n_unlabeled} unlabelled)", semi["mIoU"]),
         (f"labelled images only ({n_labeled}), same iterations", sup["mIoU"]),

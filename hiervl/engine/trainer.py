@@ -12,6 +12,7 @@ periodic evaluation and writers); what differs:
 
 import json
 import logging
+import math
 import os
 import weakref
 
@@ -147,11 +148,25 @@ def wrap_ddp(model):
     )
 
 
+def json_safe(value):
+    """``value`` with NaN/Inf floats (detectron2's IoU of classes absent from the ground
+    truth) replaced by None, so the file is strict JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_metrics_json(cfg, results) -> str:
-    """Write evaluation ``results`` (nested dict of floats) to ``OUTPUT_DIR/metrics.json``."""
+    """Write evaluation ``results`` (nested dict of floats) to ``OUTPUT_DIR/metrics.json``;
+    metrics that are undefined (NaN) are written as ``null``."""
     path = os.path.join(cfg.OUTPUT_DIR, "metrics.json")
     if len(cfg.DATASETS.TEST) == 1 and "sem_seg" in results:
         results = {cfg.DATASETS.TEST[0]: results}
-    atomic_write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", path)
+    text = json.dumps(json_safe(results), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_text(text + "\n", path)
     logger.info(f"Evaluation results written to {path}")
     return path

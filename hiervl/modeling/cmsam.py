@@ -35,8 +35,9 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from hiervl.modeling.attention import masked_attention
 
 
 class _CrossAttention(nn.Module):
@@ -82,9 +83,7 @@ class _CrossAttention(nn.Module):
         k = self._split(self.k_proj(key))
         v = self._split(self.v_proj(value))
         mask = None if key_valid is None else key_valid[:, None, None, :]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        out = masked_attention(q, k, v, mask, self.dropout if self.training else 0.0)
         b, _, nq, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, -1))
 

@@ -17,43 +17,21 @@ head predicts at the start and after every layer; all but the last prediction ar
 returned as ``aux_outputs`` for deep supervision.
 """
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DualQueryDecoder", "sine_position_encoding"]
+from hiervl.modeling.attention import masked_attention
+from hiervl.modeling.deformable_encoder import sine_position_encoding
+
+__all__ = ["DualQueryDecoder"]
 
 # A pixel is visible to a query's cross-attention when its previous mask probability
 # reaches this value (Mask2Former's rule).
 MASK_ATTENTION_THRESHOLD = 0.5
 # Frequency base of the sine positional encoding (as in "Attention is all you need").
-SINE_TEMPERATURE = 10000.0
-
-
-def sine_position_encoding(
-    height: int, width: int, dim: int, *, device=None, dtype=torch.float32
-) -> torch.Tensor:
-    """2-D sine/cosine positional encoding: half the channels encode y, half x.
-
-    Positions are pixel centres normalised to (0, 2π), so maps of different sizes share
-    one coordinate frame.
-
-    Returns:
-        (height·width, dim), row-major over (y, x).
-    """
-    if dim % 4 != 0:
-        raise ValueError(f"sine positional encoding needs a width divisible by 4, got {dim}")
-    quarter = dim // 4
-    freq = SINE_TEMPERATURE ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
-    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height * 2 * math.pi
-    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width * 2 * math.pi
-    ay, ax = ys[:, None] / freq, xs[:, None] / freq  # (h, D/4), (w, D/4)
-    emb_y = torch.cat([ay.sin(), ay.cos()], dim=1)[:, None, :].expand(height, width, dim // 2)
-    emb_x = torch.cat([ax.sin(), ax.cos()], dim=1)[None, :, :].expand(height, width, dim // 2)
-    return torch.cat([emb_y, emb_x], dim=2).reshape(height * width, dim).to(dtype)
 
 
 class _Attention(nn.Module):
@@ -93,9 +71,7 @@ class _Attention(nn.Module):
         q = self._heads(self.q_proj(query))
         k = self._heads(self.k_proj(key))
         v = self._heads(self.v_proj(value))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
-        )
+        out = masked_attention(q, k, v, allowed, self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 

@@ -234,7 +234,14 @@ def test_trainer_test_writes_metrics_json(tmp_path, registered):
     )
     results = HierVLTrainer.test(cfg, model)
     assert_metrics(results["sem_seg"], EXPECTED_A, CLASSES)
-    with open(tmp_path / "output" / "metrics.json", encoding="utf-8") as f:
-        written = json.load(f)
+    text = (tmp_path / "output" / "metrics.json").read_text(encoding="utf-8")
+
+    def reject(constant):
+        raise AssertionError(f"metrics.json is not strict JSON: {constant}")
+
+    written = json.loads(text, parse_constant=reject)
     assert list(written) == [VAL] and set(written[VAL]) == {"sem_seg"}
-    assert_metrics(written[VAL]["sem_seg"], EXPECTED_A, CLASSES)
+    # Undefined metrics (class absent from the ground truth) are null, not NaN.
+    assert written[VAL]["sem_seg"][f"IoU-{CLASSES[3]}"] is None
+    restored = {k: math.nan if v is None else v for k, v in written[VAL]["sem_seg"].items()}
+    assert_metrics(restored, EXPECTED_A, CLASSES)

@@ -1,13 +1,11 @@
 """DualQueryDecoder: query layout, masking of inactive text queries, masked cross-attention,
 deep-supervision outputs, Q_vis off, open vocabulary."""
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
-from hiervl.modeling.dual_query_decoder import DualQueryDecoder, sine_position_encoding
+from hiervl.modeling.dual_query_decoder import DualQueryDecoder
 from hiervl.modeling.mask_head import DynamicMaskHead
 
 B, L, K, D, C, M = 2, 2, 3, 32, 16, 4
@@ -200,25 +198,6 @@ def test_text_level_embedding_separates_levels():
     text[:, 1] = text[:, 0]  # same content at both levels
     logits = dec(text, active, feats, mask_feats, class_embed)["pred_logits"]
     assert not torch.allclose(logits[:, :K], logits[:, K : 2 * K])
-
-
-def test_sine_position_encoding_formula():
-    h, w, dim = 3, 5, 8
-    pos = sine_position_encoding(h, w, dim)
-    assert pos.shape == (h * w, dim)
-    y, x = 2, 4
-    ay = (y + 0.5) / h * 2 * math.pi
-    ax = (x + 0.5) / w * 2 * math.pi
-    freq = [10000.0 ** (j / 2) for j in range(2)]
-    expected = (
-        [math.sin(ay / f) for f in freq]
-        + [math.cos(ay / f) for f in freq]
-        + [math.sin(ax / f) for f in freq]
-        + [math.cos(ax / f) for f in freq]
-    )
-    torch.testing.assert_close(pos[y * w + x], torch.tensor(expected))
-    with pytest.raises(ValueError, match="divisible by 4"):
-        sine_position_encoding(2, 2, 6)
 
 
 def test_input_errors():
