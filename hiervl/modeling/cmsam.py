@@ -37,55 +37,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from hiervl.modeling.attention import masked_attention
-
-
-class _CrossAttention(nn.Module):
-    """Multi-head cross-attention with explicit projections and SDPA."""
-
-    def __init__(self, *, dim: int, num_heads: int, dropout: float):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"CMSAM: width {dim} is not divisible by NUM_HEADS={num_heads}")
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-        for layer in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) -> (B, H, N, d)."""
-        b, n, _ = x.shape
-        return x.view(b, n, self.num_heads, -1).transpose(1, 2)
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_valid: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        """
-        Args:
-            query: (B, Nq, D) attention queries (positions already added).
-            key: (B, Nk, D) attention keys (positions already added).
-            value: (B, Nk, D) values.
-            key_valid: (B, Nk) bool, True = may be attended; None = all. Every row must
-                have at least one True (the caller guarantees it).
-        Returns:
-            (B, Nq, D) W_O concat_h(softmax(q k^T / sqrt(d)) v).
-        """
-        q = self._split(self.q_proj(query))
-        k = self._split(self.k_proj(key))
-        v = self._split(self.v_proj(value))
-        mask = None if key_valid is None else key_valid[:, None, None, :]
-        out = masked_attention(q, k, v, mask, self.dropout if self.training else 0.0)
-        b, _, nq, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, nq, -1))
+from hiervl.modeling.attention import MultiHeadAttention
 
 
 class CMSAM(nn.Module):
@@ -101,7 +53,9 @@ class CMSAM(nn.Module):
         """
         super().__init__()
         # text -> pixel
-        self.text_to_pixel = _CrossAttention(dim=dim, num_heads=num_heads, dropout=dropout)
+        self.text_to_pixel = MultiHeadAttention(
+            dim=dim, num_heads=num_heads, dropout=dropout, name="CMSAM width"
+        )
         self.text_norm1 = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(
             nn.Linear(dim, ffn_dim),
@@ -111,7 +65,9 @@ class CMSAM(nn.Module):
         )
         self.text_norm2 = nn.LayerNorm(dim)
         # pixel -> text
-        self.pixel_to_text = _CrossAttention(dim=dim, num_heads=num_heads, dropout=dropout)
+        self.pixel_to_text = MultiHeadAttention(
+            dim=dim, num_heads=num_heads, dropout=dropout, name="CMSAM width"
+        )
         self.pixel_norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
@@ -140,7 +96,8 @@ class CMSAM(nn.Module):
                 f"{tuple(queries.shape[:2])}"
             )
         pixel_keys = pixels if pixel_pos is None else pixels + pixel_pos
-        pixel_valid = None if pixel_padding is None else ~pixel_padding
+        # Key masks broadcast over heads and query rows: (B, 1, 1, N_keys).
+        pixel_valid = None if pixel_padding is None else ~pixel_padding[:, None, None, :]
 
         # text -> pixel: each query gathers visual context.
         context = self.text_to_pixel(queries, pixel_keys, pixels, pixel_valid)
@@ -152,6 +109,6 @@ class CMSAM(nn.Module):
         has_active = query_active.any(dim=1)  # (B,)
         # A row with no valid key would make softmax NaN: open it, then drop its update.
         key_valid = query_active | ~has_active[:, None]
-        priors = self.pixel_to_text(pixel_keys, aligned, aligned, key_valid)
+        priors = self.pixel_to_text(pixel_keys, aligned, aligned, key_valid[:, None, None, :])
         priors = priors * has_active[:, None, None].to(priors.dtype)
         return aligned, self.pixel_norm(pixels + self.drop(priors))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiervl.modeling.attention import masked_attention
+from hiervl.modeling.attention import MultiHeadAttention
 from hiervl.modeling.deformable_encoder import sine_position_encoding
 
 __all__ = ["DualQueryDecoder"]
@@ -32,47 +32,6 @@ __all__ = ["DualQueryDecoder"]
 # reaches this value (Mask2Former's rule).
 MASK_ATTENTION_THRESHOLD = 0.5
 # Frequency base of the sine positional encoding (as in "Attention is all you need").
-
-
-class _Attention(nn.Module):
-    """Multi-head attention on fused kernels (``scaled_dot_product_attention``)."""
-
-    def __init__(self, *, dim: int, num_heads: int, dropout: float):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"DECODER.HIDDEN_DIM={dim} not divisible by NUM_HEADS={num_heads}")
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        allowed: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        """
-        Args:
-            query: (B, Nq, D); key, value: (B, Nk, D).
-            allowed: bool broadcastable to (B, heads, Nq, Nk), True = may attend; every
-                row must allow at least one key. None = no mask.
-
-        Returns:
-            (B, Nq, D).
-        """
-        q = self._heads(self.q_proj(query))
-        k = self._heads(self.k_proj(key))
-        v = self._heads(self.v_proj(value))
-        out = masked_attention(q, k, v, allowed, self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
 class _AttentionBlock(nn.Module):
@@ -84,14 +43,16 @@ class _AttentionBlock(nn.Module):
 
     def __init__(self, *, dim: int, num_heads: int, dropout: float, pre_norm: bool):
         super().__init__()
-        self.attn = _Attention(dim=dim, num_heads=num_heads, dropout=dropout)
+        self.attn = MultiHeadAttention(
+            dim=dim, num_heads=num_heads, dropout=dropout, name="DECODER.HIDDEN_DIM"
+        )
         self.norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
         self.pre_norm = pre_norm
 
     def forward(self, x, x_pos, allowed, memory=None, memory_pos=None):
         """x, x_pos: (B, Q, D); memory, memory_pos: (B or 1, S, D) or None; allowed as in
-        ``_Attention``. Returns (B, Q, D)."""
+        ``MultiHeadAttention``. Returns (B, Q, D)."""
         h = self.norm(x) if self.pre_norm else x
         if memory is None:
             memory, memory_pos = h, x_pos
