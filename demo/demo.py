@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """HierVL demo on images, a video or a webcam (detectron2's demo conventions).
 
-    python demo/demo.py --config-file configs/tiny/hiervl_tiny_16.yaml \
+    python demo/demo.py --config-file configs/tiny/hiervl_quickstart.yaml \
         --input photo.jpg more/*.png --output out/ \
-        --opts MODEL.WEIGHTS output/tiny/hiervl_tiny_16/model_final.pth
+        --opts MODEL.WEIGHTS output/quickstart/semi_supervised/model_final.pth
     python demo/demo.py --config-file ... --video-input clip.mp4 --output clip_seg.mp4
     python demo/demo.py --config-file ... --webcam
     python demo/demo.py --config-file ... --input photo.jpg --output out.png \
@@ -87,6 +87,11 @@ def main(argv=None) -> int:
             check_display()
         vocabulary = parse_vocabulary(args.vocabulary) if args.vocabulary else None
         cfg = setup_cfg(args.config_file, args.opts)
+        if args.show_relevance and not cfg.MODEL.HIERVL.HSQG.ENABLED:
+            raise ValueError(
+                "--show-relevance prints HSQG's class relevance, but this config has "
+                "MODEL.HIERVL.HSQG.ENABLED False (static text queries, no trained gate)"
+            )
         predictor = SemanticPredictor(
             cfg, vocabulary=vocabulary, confidence_threshold=args.confidence_threshold
         )

@@ -349,6 +349,21 @@ def test_cli_video_in_process(weights, tmp_path, monkeypatch):
     assert script.main(["--config-file", CONFIG, "--input", video]) == 1
 
 
+def test_show_relevance_needs_hsqg(weights, tmp_path, monkeypatch, caplog):
+    script = _load_demo_script()
+    monkeypatch.setattr(script, "setup_logger", lambda **kwargs: None)
+    monkeypatch.setattr(
+        script, "SemanticPredictor", lambda *a, **k: pytest.fail("model built anyway")
+    )
+    path = str(tmp_path / "a.png")
+    cv2.imwrite(path, _image(32, 32, seed=0))
+    argv = ["--config-file", CONFIG, "--input", path, "--output", str(tmp_path / "o.png")]
+    argv += ["--show-relevance", "--opts", "MODEL.HIERVL.HSQG.ENABLED", "False"]
+    with caplog.at_level("ERROR"):
+        assert script.main(argv) == 1
+    assert "MODEL.HIERVL.HSQG.ENABLED False" in caplog.text
+
+
 def test_cli_end_to_end(weights, tmp_path):
     """The real command line: a vocabulary file, relevance, a corrupt image, exit status."""
     for i, size in enumerate([(48, 64), (40, 56)]):
