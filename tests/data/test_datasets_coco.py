@@ -71,8 +71,12 @@ def test_segmentation_formats():
     two_parts = rect(0, 0, 2, 2) + rect(5, 5, 7, 8)
     expected = block(0, 2, 0, 2) | block(5, 8, 5, 7)
     np.testing.assert_array_equal(coco.segmentation_to_mask(two_parts, H, W), expected)
-    crowd = {"size": [H, W], "counts": [2 * H + 3, 2]}  # column 2, rows 3-4
+    crowd = {"size": [H, W], "counts": [2 * H + 3, 2, H * W - 2 * H - 5]}  # column 2, rows 3-4
     np.testing.assert_array_equal(coco.segmentation_to_mask(crowd, H, W), block(3, 5, 2, 3))
+    # Runs that stop short of the image would leave pycocotools' output uninitialised.
+    short = {"size": [H, W], "counts": [2 * H + 3, 2]}
+    with pytest.raises(ValueError, match=f"covers {2 * H + 5} pixels, the image has 8x10 = 80"):
+        coco.segmentation_to_mask(short, H, W)
     m = block(1, 7, 3, 9)
     np.testing.assert_array_equal(coco.segmentation_to_mask(compressed_rle(m), H, W), m)
 
@@ -96,6 +100,13 @@ def test_unknown_category_is_an_error():
     bad = [{"id": 9, "category_id": 12, "iscrowd": 0, "segmentation": rect(0, 0, 1, 1)}]
     with pytest.raises(ValueError, match="unknown category 12"):
         coco.instances_to_semantic(bad, H, W)
+    short = {"size": [H, W], "counts": [5]}
+    bad = [{"id": 4, "category_id": DOG, "iscrowd": 1, "segmentation": short}]
+    with pytest.raises(ValueError, match="^annotation 4: uncompressed RLE covers 5 pixels"):
+        coco.instances_to_semantic(bad, H, W)
+    image = {"file_name": "000000000004.jpg", "id": 4, "height": H, "width": W}
+    with pytest.raises(ValueError, match=r"^image 000000000004.jpg \(id 4\): annotation 4: "):
+        coco._convert_one((image, bad, "/nonexistent", True))
 
 
 def make_coco(root):

@@ -86,6 +86,14 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
         rles = mask_utils.frPyObjects(segmentation, height, width)
         rle = mask_utils.merge(rles)
     elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        # pycocotools leaves the pixels after the last run uninitialised (garbage, not zeros)
+        # when the runs do not cover the image: refuse such an RLE.
+        covered = sum(int(c) for c in segmentation["counts"])
+        if covered != height * width:
+            raise ValueError(
+                f"uncompressed RLE covers {covered} pixels, the image has {height}x{width}"
+                f" = {height * width}"
+            )
         rle = mask_utils.frPyObjects(segmentation, height, width)
     elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
         rle = dict(segmentation)
@@ -106,7 +114,10 @@ def instances_to_semantic(annotations: Sequence[Dict], height: int, width: int) 
     for ann in annotations:
         if ann["category_id"] not in CATEGORY_TO_LABEL:
             raise ValueError(f"annotation {ann.get('id')}: unknown category {ann['category_id']}")
-        mask = segmentation_to_mask(ann["segmentation"], height, width)
+        try:
+            mask = segmentation_to_mask(ann["segmentation"], height, width)
+        except ValueError as e:
+            raise ValueError(f"annotation {ann.get('id')}: {e}") from None
         painted.append(
             (-int(mask.sum()), int(ann["id"]), CATEGORY_TO_LABEL[ann["category_id"]], mask)
         )
@@ -122,7 +133,10 @@ def _convert_one(job: Tuple[Dict, List[Dict], str, bool]) -> bool:
     path = os.path.join(out_dir, os.path.splitext(image["file_name"])[0] + ".png")
     if not overwrite and os.path.isfile(path):
         return False
-    semantic = instances_to_semantic(annotations, image["height"], image["width"])
+    try:
+        semantic = instances_to_semantic(annotations, image["height"], image["width"])
+    except ValueError as e:
+        raise ValueError(f"image {image['file_name']} (id {image['id']}): {e}") from None
     tmp = path + ".tmp.png"
     Image.fromarray(semantic).save(tmp)
     os.replace(tmp, path)  # an interrupted run leaves no half-written mask behind
