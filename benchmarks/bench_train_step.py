@@ -17,13 +17,9 @@ Both are the memory one iteration adds on top of the model, its gradients and th
 state (allocated by the warm-up). Times are medians over ``--iters`` iterations after
 ``--warmup`` ones.
 
-    python benchmarks/bench_train_step.py --threads 1 --float-attn-masks   # CPU, torch 2.3
+    python benchmarks/bench_train_step.py --threads 1   # CPU
     python benchmarks/bench_train_step.py --configs tiny --iters 5
     python benchmarks/bench_train_step.py --device cuda --full-crop 512 --batch 2
-
-``--float-attn-masks`` works around a torch 2.3 CPU bug that the ViT-B/16 decoder hits at
-crops above 181 (NaN from ``scaled_dot_product_attention`` with boolean masks); it changes
-no cost that matters here.
 
 The ViT-B/16 model is randomly initialised (MODEL.HIERVL.CLIP.PRETRAINED ""), so nothing
 is downloaded; the data is the built-in synthetic dataset (generated on first use under
@@ -75,13 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=3, help="timed iterations per case")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    p.add_argument(
-        "--float-attn-masks",
-        action="store_true",
-        help="pass boolean attention masks to scaled_dot_product_attention as additive float "
-        "masks: torch 2.3's CPU kernel returns NaN for rows whose first 512 keys are all "
-        "masked (the decoder's masked attention at crops above 181)",
-    )
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     return p.parse_args(argv)
 
@@ -112,23 +101,6 @@ def case_opts(args: argparse.Namespace, config: str, mode: str) -> List[str]:
 
 
 # ----------------------------------------------------------------------------- one case
-def _use_float_attention_masks(torch) -> None:
-    """Route boolean ``attn_mask``s of ``F.scaled_dot_product_attention`` through an
-    additive mask (0 where allowed, the dtype's lowest finite value elsewhere)."""
-    functional = torch.nn.functional
-    sdpa = functional.scaled_dot_product_attention
-
-    def float_masked(query, key, value, attn_mask=None, *args, **kwargs):
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            blocked = torch.finfo(query.dtype).min
-            attn_mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
-                ~attn_mask, blocked
-            )
-        return sdpa(query, key, value, attn_mask, *args, **kwargs)
-
-    functional.scaled_dot_product_attention = float_masked
-
-
 def _proc_status_kib(field: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as f:
@@ -160,8 +132,6 @@ def run_case(args: argparse.Namespace) -> Dict[str, object]:
     from hiervl.engine.trainer import HierVLTrainer
 
     config, mode = args.case.split(":")
-    if args.float_attn_masks:
-        _use_float_attention_masks(torch)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = setup_cfg(CONFIGS[config], case_opts(args, config, mode))
@@ -210,7 +180,6 @@ def run_case(args: argparse.Namespace) -> Dict[str, object]:
         "num_classes": len(trainer.model.model.class_names),
         "loss_terms": loss_terms,
         "threads": torch.get_num_threads(),
-        "float_attn_masks": bool(args.float_attn_masks),
     }
 
 
@@ -220,18 +189,13 @@ def run_subprocess(args: argparse.Namespace, config: str, mode: str) -> Dict[str
     flags = ("device", "batch", "tiny_crop", "full_crop", "num_classes", "iters", "warmup")
     for flag in flags + ("threads",):
         command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    if args.float_attn_masks:
-        command.append("--float-attn-masks")
     # Large blocks straight from/to the OS: otherwise glibc keeps the memory freed by the
     # warm-up iteration resident, and the next iteration's peak hides inside it.
     env = dict(os.environ)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        hint = ""
-        if "NonFiniteLossError" in proc.stderr:
-            hint = "\n(on torch < 2.4 CPU try --float-attn-masks, see the module docstring)"
-        raise RuntimeError(f"case {config}:{mode} failed:\n{proc.stderr[-4000:]}{hint}")
+        raise RuntimeError(f"case {config}:{mode} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -276,8 +240,6 @@ def print_table(args: argparse.Namespace, results: Dict[tuple, Dict[str, object]
             f"{r['threads']} threads, process peak {r['process_peak_mib']:.0f} MiB; "
             f"terms: {_count_by_prefix(r['loss_terms'])}"
         )
-    if args.float_attn_masks:
-        print("\n(boolean attention masks passed as additive float masks: --float-attn-masks)")
 
 
 def main() -> None:
