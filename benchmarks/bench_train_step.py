@@ -34,7 +34,9 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
+
+from bench_utils import case_env, proc_status_kib, reset_peak_rss
 
 from hiervl.data.datasets.synthetic import CLASSES as SYNTHETIC_CLASSES
 from hiervl.data.datasets.synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
@@ -44,7 +46,6 @@ CONFIGS = {
     "tiny": os.path.join(REPO, "configs", "tiny", "hiervl_tiny_16.yaml"),
     "full": os.path.join(REPO, "configs", "Base-HierVL.yaml"),
 }
-MMAP_THRESHOLD = 64 * 1024  # bytes; glibc's MALLOC_MMAP_THRESHOLD_ in the case processes
 SUPERVISED_ONLY = [
     "MODEL.HIERVL.SSL.ENABLED", "False",
     "MODEL.HIERVL.VL.PROMPT_ENABLED", "False",
@@ -101,27 +102,6 @@ def case_opts(args: argparse.Namespace, config: str, mode: str) -> List[str]:
 
 
 # ----------------------------------------------------------------------------- one case
-def _proc_status_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def run_case(args: argparse.Namespace) -> Dict[str, object]:
     """Build the trainer of one case, run its iterations, return the measurements."""
     import torch
@@ -149,8 +129,8 @@ def run_case(args: argparse.Namespace) -> Dict[str, object]:
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
             else:
-                before = _proc_status_kib("VmRSS")
-                reset = _reset_peak_rss()
+                before = proc_status_kib("VmRSS")
+                reset = reset_peak_rss()
             start = time.perf_counter()
             trainer.run_step()
             if cuda:
@@ -163,7 +143,7 @@ def run_case(args: argparse.Namespace) -> Dict[str, object]:
             if cuda:
                 peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
             elif reset and before is not None:
-                peaks.append((_proc_status_kib("VmHWM") - before) / 2**10)
+                peaks.append((proc_status_kib("VmHWM") - before) / 2**10)
         loss_terms = sorted(k for k in storage.histories() if k.startswith("loss_"))
     return {
         "config": config,
@@ -174,7 +154,7 @@ def run_case(args: argparse.Namespace) -> Dict[str, object]:
         "process_peak_mib": (
             torch.cuda.max_memory_allocated() / 2**20
             if cuda
-            else (_proc_status_kib("VmHWM") or 0) / 2**10
+            else (proc_status_kib("VmHWM") or 0) / 2**10
         ),
         "trainable_params": trainable,
         "num_classes": len(trainer.model.model.class_names),
@@ -189,10 +169,7 @@ def run_subprocess(args: argparse.Namespace, config: str, mode: str) -> Dict[str
     flags = ("device", "batch", "tiny_crop", "full_crop", "num_classes", "iters", "warmup")
     for flag in flags + ("threads",):
         command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    # Large blocks straight from/to the OS: otherwise glibc keeps the memory freed by the
-    # warm-up iteration resident, and the next iteration's peak hides inside it.
-    env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+    env = case_env()
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"case {config}:{mode} failed:\n{proc.stderr[-4000:]}")

@@ -103,6 +103,9 @@ def _add_model(h: CN) -> None:
     h.DECODER.PRE_NORM = False
     # Learnable visual queries M; 0 = ablation "Q_vis off" (text queries only).
     h.DECODER.NUM_VISUAL_QUERIES = 100
+    # False = visual queries only: the Mask2Former-style query set (with HSQG and CMSAM
+    # off, the "Mask2Former-equivalent" of benchmarks/bench_model.py).
+    h.DECODER.TEXT_QUERIES = True
     h.DECODER.DROPOUT = 0.0
 
     # --- Dynamic mask head (hiervl/modeling/mask_head.py) ---

@@ -105,6 +105,7 @@ def build_hiervl_model(cfg, class_names: Sequence[str]) -> HierVLModel:
         dropout=h.DECODER.DROPOUT,
         mask_head=mask_head,
         in_channels=h.PIXEL_DECODER.CONV_DIM,
+        text_queries_enabled=h.DECODER.TEXT_QUERIES,
     )
     return HierVLModel(
         backbone=towers.backbone,

@@ -313,6 +313,22 @@ def test_ablation_without_visual_queries(model):
     _train_step(ablated, _labeled())
 
 
+def test_mask2former_equivalent_visual_queries_only(model):
+    """HSQG off + CMSAM off + no text queries: the query set of Mask2Former (the baseline
+    of benchmarks/bench_model.py); E_I^0 does not run unless a loss reads it."""
+    ablated = _model(
+        "MODEL.HIERVL.DECODER.TEXT_QUERIES", "False",
+        "MODEL.HIERVL.HSQG.ENABLED", "False",
+        "MODEL.HIERVL.CMSAM.ENABLED", "False",
+    )  # fmt: skip
+    out, _ = _forward(ablated)
+    k = len(SYNTHETIC)
+    assert out["pred_logits"].shape == (2, 8, k + 1)
+    assert bool((out["query_class"] == -1).all()) and out["frozen"] is None
+    losses = _train_step(ablated, _labeled())
+    assert losses["loss_sup_rel"] == 0 and losses["loss_sup_mask"] > 0
+
+
 def test_ablation_without_level_hierarchy(model):
     ablated = _model("MODEL.HIERVL.HSQG.NUM_LEVELS", "1")
     assert _num_params(ablated) < _num_params(model)

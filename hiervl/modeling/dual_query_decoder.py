@@ -2,8 +2,9 @@
 CMSAM-aligned text queries together with learnable visual queries.
 
 Shape letters: B batch, L text (hierarchy) levels, K classes, M visual queries,
-Q = L·K + M queries, D decoder width, F feature levels (coarse → fine), S_f = h_f·w_f
-tokens of feature level f, E mask-feature width, h×w mask-feature size, C CLIP width.
+Q = L·K + M queries (M alone with text queries off), D decoder width, F feature levels
+(coarse → fine), S_f = h_f·w_f tokens of feature level f, E mask-feature width, h×w
+mask-feature size, C CLIP width.
 
 Query order: text queries level-major (index l·K + k), then the M visual queries.
 Text queries take their content from the pixel decoder and carry a learnable level
@@ -95,6 +96,7 @@ class DualQueryDecoder(nn.Module):
         dropout: float,
         mask_head: nn.Module,
         in_channels: Optional[int] = None,
+        text_queries_enabled: bool = True,
     ):
         """
         Args:
@@ -111,6 +113,9 @@ class DualQueryDecoder(nn.Module):
                 (logits, masks, query_proj) from the normalised queries.
             in_channels: channels of the multi-scale maps; a 1×1 projection to D is added
                 when it differs from D (None = D).
+            text_queries_enabled: False = visual queries only (DECODER.TEXT_QUERIES; the
+                Mask2Former-style query set; classes are still scored against the text
+                embeddings). Needs ``num_visual_queries`` >= 1.
         """
         super().__init__()
         for name, value, low in [
@@ -121,6 +126,12 @@ class DualQueryDecoder(nn.Module):
         ]:
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
+        if not text_queries_enabled and num_visual_queries == 0:
+            raise ValueError(
+                "DECODER.TEXT_QUERIES False needs visual queries, but "
+                "DECODER.NUM_VISUAL_QUERIES is 0: the decoder would have no query at all"
+            )
+        self.text_queries_enabled = text_queries_enabled
         self.hidden_dim = hidden_dim
         self.num_layers = num_layers
         self.num_visual_queries = num_visual_queries
@@ -133,7 +144,9 @@ class DualQueryDecoder(nn.Module):
             for _ in range(num_feature_levels)
         )
         self.memory_level_embed = nn.Embedding(num_feature_levels, hidden_dim)
-        self.text_level_embed = nn.Embedding(num_text_levels, hidden_dim)
+        self.text_level_embed = (
+            nn.Embedding(num_text_levels, hidden_dim) if text_queries_enabled else None
+        )
         if num_visual_queries > 0:
             self.visual_feat = nn.Embedding(num_visual_queries, hidden_dim)
             self.visual_pos = nn.Embedding(num_visual_queries, hidden_dim)
@@ -219,10 +232,16 @@ class DualQueryDecoder(nn.Module):
             pos = sine_position_encoding(h_f, w_f, d, device=device, dtype=feat.dtype)
             memory_pos.append(pos.unsqueeze(0))
 
-        x = text_queries.reshape(b, num_levels * k, d)  # level-major: index l·K + k
-        pos = self.text_level_embed.weight.repeat_interleave(k, dim=0)  # (L·K, D)
-        valid = text_active.bool().repeat(1, num_levels)  # (B, L·K)
-        query_class = torch.arange(k, device=device).repeat(num_levels)
+        if self.text_queries_enabled:
+            x = text_queries.reshape(b, num_levels * k, d)  # level-major: index l·K + k
+            pos = self.text_level_embed.weight.repeat_interleave(k, dim=0)  # (L·K, D)
+            valid = text_active.bool().repeat(1, num_levels)  # (B, L·K)
+            query_class = torch.arange(k, device=device).repeat(num_levels)
+        else:
+            x = text_queries.new_zeros(b, 0, d)
+            pos = text_queries.new_zeros(0, d)
+            valid = text_active.new_zeros(b, 0, dtype=torch.bool)
+            query_class = torch.zeros(0, dtype=torch.long, device=device)
         if self.visual_feat is not None:
             m = self.num_visual_queries
             x = torch.cat([x, self.visual_feat.weight.to(dtype).expand(b, m, d)], dim=1)

@@ -85,6 +85,7 @@ class HierVLModel(nn.Module):
         labeled: Optional[torch.Tensor] = None,
         perturb_features: bool = False,
         text: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        with_frozen: bool = False,
     ) -> Dict[str, object]:
         """Predict masks and classes for a batch.
 
@@ -94,21 +95,25 @@ class HierVLModel(nn.Module):
             labeled: (B,) bool, which rows of ``presence`` are real ground truth.
             perturb_features: apply Dropout2d(``feature_dropout``) to the backbone features.
             text: precomputed ``class_embeddings()`` (computed here when None).
+            with_frozen: run E_I^0 even when HSQG is disabled (losses that read its
+                features ask for it); with HSQG enabled it always runs (v feeds the gate).
         Returns:
             The decoder's dict (``pred_logits`` (B,Q,K+1), ``pred_masks`` (B,Q,h,w),
             ``query_proj`` (B,Q,C), ``aux_outputs``, ``query_valid`` (B,Q),
             ``query_class`` (Q,)) plus ``relevance`` / ``gate`` / ``active`` (B,K) from
-            HSQG, ``frozen`` (E_I^0's features) and ``text`` (t, t_clip).
+            HSQG, ``frozen`` (E_I^0's features, None when it did not run; ``relevance``
+            is then None too) and ``text`` (t, t_clip).
         """
         t, t_clip = self.class_embeddings() if text is None else text
-        frozen = self.frozen_encoder(images)
+        frozen = self.frozen_encoder(images) if self.hsqg.enabled or with_frozen else None
         features = self.backbone(images)
         if perturb_features:
             features = {
                 k: F.dropout2d(v, p=self.feature_dropout, training=True)
                 for k, v in features.items()
             }
-        gen = self.hsqg(t, frozen.global_embed, presence, labeled)
+        image_embed = None if frozen is None else frozen.global_embed
+        gen = self.hsqg(t, image_embed, presence, labeled, num_images=images.shape[0])
         pix = self.pixel_decoder(features, gen.queries, gen.active)
         out = self.decoder(
             pix.text_queries, gen.active, pix.multi_scale_features, pix.mask_features, t

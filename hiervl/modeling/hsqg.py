@@ -32,13 +32,14 @@ class HSQGOutput(NamedTuple):
         gate: (B, K) the gate that multiplied the queries (GT indicator for labelled
             images, predicted relevance otherwise; all ones when HSQG is disabled).
         relevance: (B, K) predicted sigmoid(w * cos(v, t_k) + b) for every image
-            (the input of L_rel, whatever the gate was).
+            (the input of L_rel, whatever the gate was); None when HSQG is disabled and
+            no image embedding was given.
         active: (B, K) bool, classes kept for this image.
     """
 
     queries: torch.Tensor
     gate: torch.Tensor
-    relevance: torch.Tensor
+    relevance: Optional[torch.Tensor]
     active: torch.Tensor
 
 
@@ -111,21 +112,35 @@ class HSQG(nn.Module):
     def forward(
         self,
         text_embed: torch.Tensor,
-        image_embed: torch.Tensor,
+        image_embed: Optional[torch.Tensor],
         presence: Optional[torch.Tensor] = None,
         labeled: Optional[torch.Tensor] = None,
+        *,
+        num_images: Optional[int] = None,
     ) -> HSQGOutput:
         """
         Args:
             text_embed: (K, C) class text embeddings t_k.
-            image_embed: (B, C) frozen-CLIP global image embeddings v.
+            image_embed: (B, C) frozen-CLIP global image embeddings v; may be None when
+                HSQG is disabled (static queries need no image), then give ``num_images``.
             presence: (B, K) bool, class k is in image b's ground truth; rows of
                 unlabelled images are ignored. None = no image has ground truth.
             labeled: (B,) bool, which images use the ground-truth gate. None = all
                 images are labelled when ``presence`` is given, none otherwise.
+            num_images: B when ``image_embed`` is None.
         Returns:
             HSQGOutput (see its docstring).
         """
+        if image_embed is None:
+            if self.enabled or num_images is None:
+                raise ValueError(
+                    "HSQG: the frozen-CLIP image embedding is needed when HSQG is enabled "
+                    "(and num_images when it is not given)"
+                )
+            queries = torch.stack([mlp(text_embed) for mlp in self.level_mlps])  # (L, K, D)
+            ones = queries.new_ones(num_images, text_embed.shape[0])
+            expanded = queries.unsqueeze(0).expand(num_images, -1, -1, -1)
+            return HSQGOutput(expanded, ones, None, ones.bool())
         expected_image_shape = (image_embed.shape[0], text_embed.shape[-1])
         if text_embed.dim() != 2 or image_embed.shape != expected_image_shape:
             raise ValueError(
@@ -187,4 +202,4 @@ class HSQG(nn.Module):
         order = torch.sort(relevance, dim=1, descending=True, stable=True).indices
         by_gate = torch.sort(gate.gather(1, order), dim=1, descending=True, stable=True).indices
         top = order.gather(1, by_gate[:, :keep])
-        return active.scatter(1, top, True)
+        return active.scatter(1, top, torch.ones_like(top, dtype=torch.bool))

@@ -187,7 +187,8 @@ class HierVLObjective(nn.Module):
         )
         for i, tgt in enumerate(targets):
             presence[i, tgt["labels"]] = True
-        out = model(labeled.images, presence=presence, text=text)
+        needs_frozen = self.mask_weight > 0 or self.pt_weight > 0  # masked_losses reads it
+        out = model(labeled.images, presence=presence, text=text, with_frozen=needs_frozen)
         losses = self.criterion(out, targets, relevance=out["relevance"], text_clip=text[1])
         return losses, out["frozen"]
 
@@ -203,7 +204,7 @@ class HierVLObjective(nn.Module):
         try:
             images = torch.cat([batch.weak, batch.mix_weak])
             detached = (text[0].detach(), text[1].detach())
-            out = model(images, text=detached)
+            out = model(images, text=detached, with_frozen=self.maskclip_weight > 0)
             probs = model.semantic_probs(model.semantic_scores(out, images.shape[-2:]))
         finally:
             model.train(was_training)

@@ -14,7 +14,9 @@ MASK_SIZE = (8, 8)
 NUM_LEVELS = len(SIZES)
 
 
-def _decoder(*, num_visual=M, num_layers=3, levels=NUM_LEVELS, pre_norm=False, head=None):
+def _decoder(
+    *, num_visual=M, num_layers=3, levels=NUM_LEVELS, pre_norm=False, head=None, text_queries=True
+):
     torch.manual_seed(0)
     head = head or DynamicMaskHead(
         hidden_dim=D, mask_dim=D, clip_dim=C, kernel_mlp_layers=3, logit_scale_init=10.0
@@ -30,6 +32,7 @@ def _decoder(*, num_visual=M, num_layers=3, levels=NUM_LEVELS, pre_norm=False, h
         pre_norm=pre_norm,
         dropout=0.0,
         mask_head=head,
+        text_queries_enabled=text_queries,
     ).eval()
 
 
@@ -146,6 +149,26 @@ def test_visual_queries_off():
     assert out["pred_logits"].shape == (B, L * K, K + 1)
     assert (out["query_class"] >= 0).all()
     out["pred_masks"].sum().backward()
+
+
+def test_text_queries_off_equals_the_visual_queries_of_a_decoder_without_active_text():
+    """Visual queries only (the Mask2Former query set): the same computation as the full
+    decoder's visual queries when every text query is inactive (hidden as keys)."""
+    full = _decoder(num_layers=3)
+    visual_only = _decoder(num_layers=3, text_queries=False)
+    assert visual_only.text_level_embed is None
+    missing, unexpected = visual_only.load_state_dict(full.state_dict(), strict=False)
+    assert missing == [] and unexpected == ["text_level_embed.weight"]
+    text, active, feats, mask_feats, class_embed = _inputs()
+    out = visual_only(text, active, feats, mask_feats, class_embed)
+    assert out["query_class"].tolist() == [-1] * M and out["query_valid"].all()
+    assert out["pred_logits"].shape == (B, M, K + 1)
+    ref = full(text, torch.zeros_like(active), feats, mask_feats, class_embed)
+    for a, b in zip([out] + out["aux_outputs"], [ref] + ref["aux_outputs"]):
+        for key in ("pred_logits", "pred_masks", "query_proj"):
+            torch.testing.assert_close(a[key], b[key][:, L * K :], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="DECODER.TEXT_QUERIES False needs visual queries"):
+        _decoder(num_visual=0, text_queries=False)
 
 
 def test_batched_equals_per_image():

@@ -216,3 +216,23 @@ def test_a_new_vocabulary_changes_k_without_new_weights():
     assert set(state) == set(weights), "the vocabulary changed the checkpoint layout"
     for name, value in state.items():
         assert torch.equal(value, weights[name]), name
+
+
+def test_hsqg_off_skips_the_frozen_pass_unless_asked():
+    """Static text queries need no image embedding: E_I^0 runs only when a loss asks for
+    its features, and the prediction is the same either way."""
+    model = build_model(hsqg_enabled=False).eval()
+    calls = []
+    model.frozen_encoder.register_forward_hook(lambda *args: calls.append(1))
+    images = _images(2)
+    with torch.no_grad():
+        lean = model(images)
+        assert calls == [] and lean["frozen"] is None and lean["relevance"] is None
+        full = model(images, with_frozen=True)
+    assert len(calls) == 1 and full["frozen"] is not None
+    torch.testing.assert_close(lean["pred_logits"], full["pred_logits"])
+    torch.testing.assert_close(lean["pred_masks"], full["pred_masks"])
+    gated = build_model(hsqg_enabled=True).eval()
+    gated.frozen_encoder.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        assert gated(images)["frozen"] is not None and len(calls) == 2

@@ -146,6 +146,19 @@ def test_disabled_gives_static_queries():
     )
 
 
+def test_disabled_needs_no_image_embedding():
+    module = _hsqg(enabled=False)
+    text, image = _inputs(batch=3)
+    with_image = module(text, image)
+    without = module(text, None, num_images=3)
+    assert without.relevance is None
+    torch.testing.assert_close(without.queries, with_image.queries)
+    assert torch.equal(without.gate, with_image.gate)
+    assert torch.equal(without.active, with_image.active)
+    with pytest.raises(ValueError, match="image embedding is needed when HSQG is enabled"):
+        _hsqg(enabled=True)(text, None, num_images=3)
+
+
 def test_batched_equals_per_image():
     module = _hsqg(min_active=2)
     text, image = _inputs(batch=4, seed=11)

@@ -1,0 +1,309 @@
+"""HierVL against its Mask2Former-equivalent ablation: parameters, GFLOPs, time, memory.
+
+Two models, both the full CLIP ViT-B/16 config (``configs/Base-HierVL.yaml``, randomly
+initialised: nothing is downloaded), measured side by side in one run:
+
+- **hiervl**: the paper's model (HSQG, CMSAM, text + visual queries);
+- **m2f-equivalent**: HSQG off, CMSAM off, visual queries only
+  (``DECODER.TEXT_QUERIES False``), L_qt off: Mask2Former's pixel decoder and query set
+  on the same backbone, classes scored by the same text-embedding classifier. Without
+  HSQG the frozen CLIP copy E_I^0 does not run.
+
+Per model, batch 1 at ``--size`` (512 by default):
+
+- parameters, trainable and frozen;
+- GFLOPs of the inference forward (fvcore; one multiply-add counts as one FLOP, as in
+  Mask2Former's tables; the MSDeformAttn op is counted through its PyTorch reference,
+  ``grid_sampler`` as 4 multiply-adds per sampled value; attention as its projections and
+  two matmuls; element-wise ops are not counted, fvcore's default);
+- forward: inference (eval, whole image, no sliding window, ``torch.no_grad``);
+- forward+backward: the supervised training loss (Mask2Former criterion with deep
+  supervision, plus L_rel / L_qt where the model has them) and its backward;
+- peak memory each pass adds (resident set on CPU, ``max_memory_allocated`` on CUDA).
+
+Every model runs in its own process; times are medians of ``--iters`` after ``--warmup``.
+The vocabulary is Pascal VOC's 21 classes unless ``--num-classes`` says otherwise.
+
+    python benchmarks/bench_model.py                       # CPU, 512x512
+    python benchmarks/bench_model.py --size 256 --iters 2  # quicker
+    python benchmarks/bench_model.py --device cuda
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+from bench_utils import case_env, proc_status_kib, reset_peak_rss
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "Base-HierVL.yaml")
+COMMON = [
+    "MODEL.HIERVL.CLIP.PRETRAINED", "",
+    "MODEL.HIERVL.SSL.ENABLED", "False",
+    "MODEL.HIERVL.VL.PROMPT_ENABLED", "False",
+    "MODEL.HIERVL.VL.MASK_ENABLED", "False",
+    "MODEL.HIERVL.VL.PT_ENABLED", "False",
+    "TEST.SLIDING_WINDOW.ENABLED", "False",
+]  # fmt: skip
+MODELS = {
+    "hiervl": [],
+    "m2f-equivalent": [
+        "MODEL.HIERVL.HSQG.ENABLED", "False",
+        "MODEL.HIERVL.CMSAM.ENABLED", "False",
+        "MODEL.HIERVL.DECODER.TEXT_QUERIES", "False",
+        "MODEL.HIERVL.LOSS.QT_WEIGHT", "0.0",
+    ],
+}  # fmt: skip
+TARGET_OVERHEAD = 0.15  # issue 3: HierVL's additions <= 15% over the ablation (fwd+bwd)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--size", type=int, default=512, help="input side (pixels)")
+    p.add_argument("--num-classes", type=int, default=21, help="vocabulary size K")
+    p.add_argument("--iters", type=int, default=3, help="timed runs of each pass")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--no-flops", action="store_true", help="skip the fvcore count")
+    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: one model, print JSON
+    return p.parse_args(argv)
+
+
+def vocabulary(num_classes: int) -> List[str]:
+    from hiervl.data.datasets.voc import CLASSES
+
+    names = list(CLASSES)[:num_classes]
+    return names + [f"extra class {i}" for i in range(num_classes - len(names))]
+
+
+# ----------------------------------------------------------------------------- one model
+def _sample(size: int, num_classes: int, seed: int = 0) -> Dict[str, object]:
+    """A labelled 512-style input: random pixels, a label map of four class blocks."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.zeros(size, size, dtype=torch.long)
+    half = size // 2
+    for i, k in enumerate(torch.randperm(num_classes, generator=g)[:4].tolist()):
+        labels[(i // 2) * half : (i // 2 + 1) * half, (i % 2) * half : (i % 2 + 1) * half] = k
+    return {"image": image, "sem_seg": labels, "height": size, "width": size}
+
+
+def _flop_handles():
+    """fvcore handles for the ops its defaults skip but that matter here."""
+    from fvcore.nn.jit_handles import get_shape
+
+    def grid_sampler(inputs, outputs):
+        out = get_shape(outputs[0])  # (N, C, Hout, Wout)
+        count = 4  # bilinear: four weighted taps per sampled value
+        for d in out:
+            count *= d
+        return count
+
+    def sdpa(inputs, outputs):
+        q, k = get_shape(inputs[0]), get_shape(inputs[1])  # (..., Nq, d), (..., Nk, d)
+        batch = 1
+        for d in q[:-2]:
+            batch *= d
+        return 2 * batch * q[-2] * k[-2] * q[-1]  # Q K^T and (softmax) V
+
+    def native_mha(inputs, outputs):
+        # nn.MultiheadAttention's fused path (open_clip's towers in eval), batch first:
+        # query (N, L, E), key (N, S, E); in-projection 3E x E, out-projection E x E.
+        q, k = get_shape(inputs[0]), get_shape(inputs[1])
+        n, length, width = q
+        source = k[1]
+        projections = n * length * 4 * width * width
+        return projections + 2 * n * length * source * width
+
+    return {
+        "aten::grid_sampler": grid_sampler,
+        "aten::scaled_dot_product_attention": sdpa,
+        "aten::_native_multi_head_attention": native_mha,
+    }
+
+
+def count_gflops(meta, sample) -> Dict[str, object]:
+    """fvcore GFLOPs of the inference forward; the op runs its reference for tracing."""
+    import torch
+    from fvcore.nn import FlopCountAnalysis
+
+    from hiervl.ops import _ext
+
+    class Inference(torch.nn.Module):
+        def __init__(self, meta):
+            super().__init__()
+            self.meta = meta
+
+        def forward(self, image):
+            item = {"image": image, "height": sample["height"], "width": sample["width"]}
+            return self.meta([item])[0]["sem_seg"]
+
+    original = _ext.compiled_available
+    _ext.compiled_available = lambda device: False
+    try:
+        analysis = FlopCountAnalysis(Inference(meta).eval(), (sample["image"],))
+        analysis.set_op_handle(**_flop_handles())
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        analysis.tracer_warnings("none")
+        with torch.no_grad():
+            total = analysis.total()
+        skipped = dict(analysis.unsupported_ops())
+    finally:
+        _ext.compiled_available = original
+    return {"gflops": total / 1e9, "skipped_ops": skipped}
+
+
+def run_case(args: argparse.Namespace) -> Dict[str, object]:
+    import torch
+    from detectron2.utils.env import seed_all_rng
+
+    from hiervl.engine.launcher import setup_cfg
+    from hiervl.engine.trainer import HierVLTrainer
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    opts = COMMON + MODELS[args.case] + ["MODEL.DEVICE", args.device]
+    opts += ["TEST.VOCABULARY", repr(vocabulary(args.num_classes))]
+    cfg = setup_cfg(CONFIG, opts)
+    seed_all_rng(0)
+    meta = HierVLTrainer.build_model(cfg)
+    trainable = sum(p.numel() for p in meta.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in meta.parameters() if not p.requires_grad)
+    sample = _sample(args.size, args.num_classes)
+    cuda = args.device == "cuda"
+
+    def measure(fn):
+        times, peaks = [], []
+        for i in range(args.warmup + args.iters):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            else:
+                before, reset = proc_status_kib("VmRSS"), reset_peak_rss()
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            if i < args.warmup:
+                continue
+            times.append(elapsed)
+            if cuda:
+                peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
+            elif reset and before is not None:
+                peaks.append((proc_status_kib("VmHWM") - before) / 2**10)
+        return statistics.median(times), (max(peaks) if peaks else float("nan"))
+
+    def forward():
+        meta.eval()
+        with torch.no_grad():
+            meta([{k: sample[k] for k in ("image", "height", "width")}])
+
+    loss_terms: List[str] = []
+
+    def forward_backward():
+        meta.train()
+        meta.zero_grad(set_to_none=True)
+        losses = meta([sample])
+        loss_terms[:] = sorted(k for k, v in losses.items() if float(v) != 0)
+        sum(losses.values()).backward()
+
+    fwd_s, fwd_mib = measure(forward)
+    train_s, train_mib = measure(forward_backward)
+    result = {
+        "model": args.case,
+        "trainable_params": trainable,
+        "frozen_params": frozen,
+        "forward_s": fwd_s,
+        "forward_mib": fwd_mib,
+        "train_s": train_s,
+        "train_mib": train_mib,
+        "loss_terms": loss_terms,
+        "threads": torch.get_num_threads(),
+        "num_queries": int(meta.model.decoder.num_visual_queries)
+        + (len(meta.model.class_names) * meta.model.decoder.num_text_levels)
+        * int(meta.model.decoder.text_queries_enabled),
+    }
+    if not args.no_flops:
+        result.update(count_gflops(meta.eval(), sample))
+    return result
+
+
+# ----------------------------------------------------------------------------- driver
+def run_subprocess(args: argparse.Namespace, model: str) -> Dict[str, object]:
+    command = [sys.executable, os.path.abspath(__file__), "--case", model]
+    for flag in ("device", "size", "num_classes", "iters", "warmup", "threads"):
+        command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.no_flops:
+        command.append("--no-flops")
+    proc = subprocess.run(command, cwd=REPO, env=case_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"model {model} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_tables(args: argparse.Namespace, results: Dict[str, Dict[str, object]]) -> None:
+    import torch
+
+    print(
+        f"\nbatch 1, {args.size}x{args.size}, K = {args.num_classes}, device {args.device}, "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{results['hiervl']['threads']} threads"
+    )
+    print("\n| model | queries | trainable (M) | frozen (M) | GFLOPs | forward (s) "
+          "| fwd mem (MiB) | fwd+bwd (s) | fwd+bwd mem (MiB) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        gflops = f"{r['gflops']:.1f}" if "gflops" in r else "-"
+        print(
+            f"| {name} | {r['num_queries']} | {r['trainable_params'] / 1e6:.1f} "
+            f"| {r['frozen_params'] / 1e6:.1f} | {gflops} | {r['forward_s']:.2f} "
+            f"| {r['forward_mib']:.0f} | {r['train_s']:.2f} | {r['train_mib']:.0f} |"
+        )
+    h, m = results["hiervl"], results["m2f-equivalent"]
+    print("\n| quantity | hiervl / m2f-equivalent |")
+    print("|---|---:|")
+    rows = [("forward time", "forward_s"), ("forward+backward time", "train_s"),
+            ("forward memory", "forward_mib"), ("forward+backward memory", "train_mib"),
+            ("GFLOPs", "gflops")]  # fmt: skip
+    for label, key in rows:
+        if key in h and key in m and m[key]:
+            print(f"| {label} | {h[key] / m[key]:.3f}x |")
+    overhead = h["train_s"] / m["train_s"] - 1
+    verdict = "met" if overhead <= TARGET_OVERHEAD else "NOT met"
+    print(
+        f"\nHierVL's additions cost {100 * overhead:+.1f}% forward+backward time over the "
+        f"ablation (target <= {100 * TARGET_OVERHEAD:.0f}%: {verdict})."
+    )
+    for name, r in results.items():
+        print(f"{name}: loss terms {', '.join(r['loss_terms'][:4])}... ({len(r['loss_terms'])})")
+        if r.get("skipped_ops"):
+            print(f"{name}: ops fvcore did not count: {r['skipped_ops']}")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.case:
+        print(json.dumps(run_case(args)))
+        return
+    results = {}
+    for model in MODELS:
+        start = time.perf_counter()
+        print(f"measuring {model} ...", file=sys.stderr, flush=True)
+        results[model] = run_subprocess(args, model)
+        print(f"  done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    print_tables(args, results)
+
+
+if __name__ == "__main__":
+    main()
