@@ -95,24 +95,25 @@ class HierVLModel(nn.Module):
             labeled: (B,) bool, which rows of ``presence`` are real ground truth.
             perturb_features: apply Dropout2d(``feature_dropout``) to the backbone features.
             text: precomputed ``class_embeddings()`` (computed here when None).
-            with_frozen: run E_I^0 even when HSQG is disabled (losses that read its
-                features ask for it); with HSQG enabled it always runs (v feeds the gate).
+            with_frozen: also run E_I^0 at full resolution (``frozen`` in the output; the
+                losses that read its dense features ask for it). HSQG's v always comes
+                from E_I^0's pass at CLIP's native size (``global_embedding``).
         Returns:
             The decoder's dict (``pred_logits`` (B,Q,K+1), ``pred_masks`` (B,Q,h,w),
             ``query_proj`` (B,Q,C), ``aux_outputs``, ``query_valid`` (B,Q),
             ``query_class`` (Q,)) plus ``relevance`` / ``gate`` / ``active`` (B,K) from
-            HSQG, ``frozen`` (E_I^0's features, None when it did not run; ``relevance``
-            is then None too) and ``text`` (t, t_clip).
+            HSQG (``relevance`` None when HSQG is disabled), ``frozen`` (E_I^0's
+            full-resolution features, None unless ``with_frozen``) and ``text`` (t, t_clip).
         """
         t, t_clip = self.class_embeddings() if text is None else text
-        frozen = self.frozen_encoder(images) if self.hsqg.enabled or with_frozen else None
+        frozen = self.frozen_encoder(images) if with_frozen else None
         features = self.backbone(images)
         if perturb_features:
             features = {
                 k: F.dropout2d(v, p=self.feature_dropout, training=True)
                 for k, v in features.items()
             }
-        image_embed = None if frozen is None else frozen.global_embed
+        image_embed = self.frozen_encoder.global_embedding(images) if self.hsqg.enabled else None
         gen = self.hsqg(t, image_embed, presence, labeled, num_images=images.shape[0])
         pix = self.pixel_decoder(features, gen.queries, gen.active)
         out = self.decoder(
@@ -157,7 +158,7 @@ class HierVLModel(nn.Module):
         div = self.size_divisibility
         pad_h, pad_w = (-images.shape[-2]) % div, (-images.shape[-1]) % div
         images = F.pad(images, (0, pad_w, 0, pad_h))
-        return self.hsqg.relevance(t, self.frozen_encoder(images).global_embed)
+        return self.hsqg.relevance(t, self.frozen_encoder.global_embedding(images))
 
     def predict_scores(
         self, images: torch.Tensor, text: Optional[Tuple[torch.Tensor, torch.Tensor]] = None

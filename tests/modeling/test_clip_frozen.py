@@ -52,6 +52,24 @@ def test_global_embedding_equals_encode_image_at_native_size():
     torch.testing.assert_close(frozen(images).global_embed, want)
 
 
+@pytest.mark.parametrize(
+    "size,resized", [((64, 64), (64, 64)), ((128, 128), (64, 64)), ((128, 208), (64, 112))]
+)
+def test_hsqg_global_embedding_is_clip_at_its_native_size(size, resized):
+    """v = encode_image of the image resized so its shorter side is 64 (this tower's input
+    size), aspect kept, sides rounded to the 16-px patch (208 * 0.5 = 104 -> 112)."""
+    model = _model()
+    frozen = FrozenCLIPImageEncoder(visual=model.visual)
+    assert frozen.native_size == 64
+    images = torch.randn(2, 3, *size)
+    small = torch.nn.functional.interpolate(
+        images, size=resized, mode="bilinear", align_corners=False, antialias=True
+    )
+    with torch.no_grad():
+        want = _reference_at(model.visual, *resized)(small)
+    torch.testing.assert_close(frozen.global_embedding(images), want)
+
+
 @pytest.mark.parametrize("size", [(64, 64), (48, 80)])
 def test_dense_outputs_match_open_clip_blocks(size):
     """dense_tokens = final-block tokens; dense_clip = last block run on every token as a

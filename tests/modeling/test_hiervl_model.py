@@ -35,7 +35,7 @@ def _supervised_loss(model):
     presence = torch.zeros(2, len(CLASSES), dtype=torch.bool)
     for i, target in enumerate(targets):
         presence[i, target["labels"]] = True
-    out = model(batch.images, presence=presence)
+    out = model(batch.images, presence=presence, with_frozen=True)
     losses = build_criterion()(out, targets, relevance=out["relevance"], text_clip=out["text"][1])
     return sum(losses.values()), out
 
@@ -218,21 +218,41 @@ def test_a_new_vocabulary_changes_k_without_new_weights():
         assert torch.equal(value, weights[name]), name
 
 
-def test_hsqg_off_skips_the_frozen_pass_unless_asked():
-    """Static text queries need no image embedding: E_I^0 runs only when a loss asks for
-    its features, and the prediction is the same either way."""
-    model = build_model(hsqg_enabled=False).eval()
-    calls = []
-    model.frozen_encoder.register_forward_hook(lambda *args: calls.append(1))
+def _count_frozen_calls(model):
+    """Wrap E_I^0's full pass and its native-size global pass with call counters."""
+    calls = {"forward": 0, "global": 0}
+    encoder = model.frozen_encoder
+    encoder.register_forward_hook(lambda *args: calls.update(forward=calls["forward"] + 1))
+    inner = encoder.global_embedding
+
+    def counted(x):
+        calls["global"] += 1
+        return inner(x)
+
+    encoder.global_embedding = counted
+    return calls, inner
+
+
+@pytest.mark.parametrize("hsqg_enabled", [False, True])
+def test_frozen_passes_run_only_when_needed(hsqg_enabled):
+    """E_I^0 at full resolution runs only when a loss asks for its features; HSQG's v comes
+    from E_I^0 at CLIP's native size, and static queries (HSQG off) need no image at all."""
     images = _images(2)
+    model = build_model(hsqg_enabled=hsqg_enabled).eval()
+    calls, global_embedding = _count_frozen_calls(model)
     with torch.no_grad():
         lean = model(images)
-        assert calls == [] and lean["frozen"] is None and lean["relevance"] is None
+        assert calls == {"forward": 0, "global": int(hsqg_enabled)}
+        assert lean["frozen"] is None
         full = model(images, with_frozen=True)
-    assert len(calls) == 1 and full["frozen"] is not None
+    assert calls == {"forward": 1, "global": 2 * int(hsqg_enabled)}
+    assert full["frozen"] is not None
     torch.testing.assert_close(lean["pred_logits"], full["pred_logits"])
     torch.testing.assert_close(lean["pred_masks"], full["pred_masks"])
-    gated = build_model(hsqg_enabled=True).eval()
-    gated.frozen_encoder.register_forward_hook(lambda *args: calls.append(1))
-    with torch.no_grad():
-        assert gated(images)["frozen"] is not None and len(calls) == 2
+    if hsqg_enabled:
+        with torch.no_grad():
+            t = model.class_embeddings()[0]
+            want = model.hsqg.relevance(t, global_embedding(images))
+        torch.testing.assert_close(lean["relevance"], want)
+    else:
+        assert lean["relevance"] is None

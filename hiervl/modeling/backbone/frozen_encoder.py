@@ -1,7 +1,7 @@
 """E_I^0: a frozen copy of the CLIP image encoder (no gradients, always in eval mode).
 
-It provides, in one pass over the blocks:
-- the pooled global image embedding v (HSQG's relevance gate),
+``forward`` provides, in one pass over the blocks:
+- the pooled global image embedding at the input's resolution,
 - the final-block patch tokens (reference x_ref of L_mask; same representation as
   ``CLIPImageBackbone.forward_tokens``),
 - MaskCLIP dense CLIP-space tokens (SemiVL's dense guidance): in the last block the
@@ -9,6 +9,12 @@ It provides, in one pass over the blocks:
   ``y = x + out_proj(v_proj(ln_1(x)))``, ``y = y + mlp(ln_2(y))`` (residual and MLP
   kept, as MaskCLIP's and SemiVL's ViT code does), then ``ln_post(y) @ proj``.
   Equivalently: the last block applied to every token as a length-1 sequence.
+
+``global_embedding`` gives HSQG's v the way CLIP embeds an image: the image resized so its
+shorter side is CLIP's input size (224 for ViT-B/16; the aspect ratio kept, sides rounded
+to the patch size), one pass, pooled. At a 512 crop that pass costs a fifth of a
+full-resolution one, and v stays at the resolution CLIP's image-text alignment was trained
+at.
 
 Shape letters: B batch, H×W input size, h×w token grid, N = h·w, W_v tower width,
 C CLIP embedding width.
@@ -94,6 +100,36 @@ class FrozenCLIPImageEncoder(nn.Module):
     def train(self, mode: bool = True) -> FrozenCLIPImageEncoder:
         """Stays in eval mode whatever ``mode`` is (E_I^0 is a fixed reference)."""
         return super().train(False)
+
+    @property
+    def native_size(self) -> int:
+        """CLIP's input side (the shorter side of ``global_embedding``'s resized image)."""
+        return int(self.visual.grid_size[0] * self.visual.patch_size[0])
+
+    @torch.no_grad()
+    def global_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """v: the pooled embedding (B, C) of the image resized to CLIP's native size.
+
+        Args:
+            images: (B, 3, H, W), CLIP-normalised, any size.
+        Returns:
+            (B, C), not normalised (as ``CLIP.encode_image``).
+        """
+        height, width = images.shape[-2:]
+        patch = self.visual.patch_size[0]
+        scale = self.native_size / min(height, width)
+        # Round half up to a multiple of the patch (not Python's round-half-even).
+        size = tuple(max(1, int(side * scale / patch + 0.5)) * patch for side in (height, width))
+        if size != (height, width):
+            # Bilinear with antialiasing, like CLIP's PIL resize; it commutes with the
+            # per-channel normalisation the images already carry.
+            images = F.interpolate(
+                images, size=size, mode="bilinear", align_corners=False, antialias=True
+            )
+        x = embed_tokens(self.visual, images)
+        for block in self.visual.transformer.resblocks:
+            x = apply_block(self.visual, block, x)
+        return global_embedding(self.visual, x)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> FrozenImageFeatures:
