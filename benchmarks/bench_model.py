@@ -39,7 +39,7 @@ import sys
 import time
 from typing import Dict, List
 
-from bench_utils import case_env, proc_status_kib, reset_peak_rss
+from bench_utils import case_env, timed_pass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "Base-HierVL.yaml")
@@ -184,24 +184,12 @@ def run_case(args: argparse.Namespace) -> Dict[str, object]:
     def measure(fn):
         times, peaks = [], []
         for i in range(args.warmup + args.iters):
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-            else:
-                before, reset = proc_status_kib("VmRSS"), reset_peak_rss()
-            start = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
+            elapsed, peak = timed_pass(fn, cuda)
             if i < args.warmup:
                 continue
             times.append(elapsed)
-            if cuda:
-                peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
-            elif reset and before is not None:
-                peaks.append((proc_status_kib("VmHWM") - before) / 2**10)
+            if peak is not None:
+                peaks.append(peak)
         return statistics.median(times), (max(peaks) if peaks else float("nan"))
 
     def forward():

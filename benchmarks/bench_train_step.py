@@ -33,10 +33,9 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from typing import Dict, List
 
-from bench_utils import case_env, proc_status_kib, reset_peak_rss
+from bench_utils import case_env, proc_status_kib, timed_pass
 
 from hiervl.data.datasets.synthetic import CLASSES as SYNTHETIC_CLASSES
 from hiervl.data.datasets.synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
@@ -124,26 +123,13 @@ def run_case(args: argparse.Namespace) -> Dict[str, object]:
     with EventStorage(0) as storage:
         for it in range(args.warmup + args.iters):
             trainer.iter = trainer._trainer.iter = storage.iter = it
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-            else:
-                before = proc_status_kib("VmRSS")
-                reset = reset_peak_rss()
-            start = time.perf_counter()
-            trainer.run_step()
-            if cuda:
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
+            elapsed, peak = timed_pass(trainer.run_step, cuda)
             if it < args.warmup:
                 continue
             times.append(elapsed)
             data_times.append(storage.history("data_time").latest())
-            if cuda:
-                peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
-            elif reset and before is not None:
-                peaks.append((proc_status_kib("VmHWM") - before) / 2**10)
+            if peak is not None:
+                peaks.append(peak)
         loss_terms = sorted(k for k in storage.histories() if k.startswith("loss_"))
     return {
         "config": config,

@@ -2,7 +2,8 @@
 and the environment for case subprocesses."""
 
 import os
-from typing import Dict, Optional
+import time
+from typing import Callable, Dict, Optional, Tuple
 
 # glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in case processes: large blocks come straight from
 # and go straight back to the OS, so memory freed by one measured pass does not stay
@@ -37,3 +38,27 @@ def case_env() -> Dict[str, str]:
     env = dict(os.environ)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     return env
+
+
+def timed_pass(fn: Callable[[], object], cuda: bool) -> Tuple[float, Optional[float]]:
+    """Run ``fn`` once: (seconds, MiB of peak memory it added), the memory None when the
+    peak cannot be measured. CUDA: ``max_memory_allocated`` above the memory allocated
+    before; CPU: the process's peak resident set above its resident set before."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before, reset = proc_status_kib("VmRSS"), reset_peak_rss()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    if cuda:
+        return elapsed, (torch.cuda.max_memory_allocated() - before) / 2**20
+    if reset and before is not None:
+        return elapsed, (proc_status_kib("VmHWM") - before) / 2**10
+    return elapsed, None
