@@ -19,9 +19,16 @@ Per model, batch 1 at ``--size`` (512 by default):
 - forward: inference (eval, whole image, no sliding window, ``torch.no_grad``);
 - forward+backward: the supervised training loss (Mask2Former criterion with deep
   supervision, plus L_rel / L_qt where the model has them) and its backward;
-- peak memory each pass adds (resident set on CPU, ``max_memory_allocated`` on CUDA).
+- peak memory each pass adds (resident set on CPU, ``max_memory_allocated`` on CUDA);
+- the queries the decoder actually ran in each pass (text queries exist only for the
+  classes some image keeps, see ``live_text_queries``).
 
-Every model runs in its own process; times are medians of ``--iters`` after ``--warmup``.
+Every model runs in two processes of its own: one for the times (and GFLOPs) with the
+allocator's defaults, as training runs, and one for the memory with glibc's mmap
+threshold at 64 KiB so that freed tensors leave the resident set (on CPU that setting
+costs page faults, which would distort the times). Times are medians of ``--iters``
+after ``--warmup``; the memory is the larger of ``--warmup`` + 1 passes' peaks after the
+warm-up.
 The vocabulary is Pascal VOC's 21 classes unless ``--num-classes`` says otherwise.
 
     python benchmarks/bench_model.py                       # CPU, 512x512
@@ -68,11 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--size", type=int, default=512, help="input side (pixels)")
     p.add_argument("--num-classes", type=int, default=21, help="vocabulary size K")
-    p.add_argument("--iters", type=int, default=3, help="timed runs of each pass")
+    p.add_argument("--iters", type=int, default=5, help="timed runs of each pass")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--no-flops", action="store_true", help="skip the fvcore count")
-    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: one model, print JSON
+    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: "times" or a model name
     return p.parse_args(argv)
 
 
@@ -162,82 +169,124 @@ def count_gflops(meta, sample) -> Dict[str, object]:
     return {"gflops": total / 1e9, "skipped_ops": skipped}
 
 
-def run_case(args: argparse.Namespace) -> Dict[str, object]:
-    import torch
-    from detectron2.utils.env import seed_all_rng
+class _Case:
+    """One model of the comparison, built from its config, with its two passes."""
 
-    from hiervl.engine.launcher import setup_cfg
-    from hiervl.engine.trainer import HierVLTrainer
+    def __init__(self, name: str, args: argparse.Namespace):
+        import torch
+        from detectron2.utils.env import seed_all_rng
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    opts = COMMON + MODELS[args.case] + ["MODEL.DEVICE", args.device]
-    opts += ["TEST.VOCABULARY", repr(vocabulary(args.num_classes))]
-    cfg = setup_cfg(CONFIG, opts)
-    seed_all_rng(0)
-    meta = HierVLTrainer.build_model(cfg)
-    trainable = sum(p.numel() for p in meta.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in meta.parameters() if not p.requires_grad)
-    sample = _sample(args.size, args.num_classes)
-    cuda = args.device == "cuda"
+        from hiervl.engine.launcher import setup_cfg
+        from hiervl.engine.trainer import HierVLTrainer
 
-    def measure(fn):
-        times, peaks = [], []
-        for i in range(args.warmup + args.iters):
-            elapsed, peak = timed_pass(fn, cuda)
-            if i < args.warmup:
-                continue
-            times.append(elapsed)
-            if peak is not None:
-                peaks.append(peak)
-        return statistics.median(times), (max(peaks) if peaks else float("nan"))
+        opts = COMMON + MODELS[name] + ["MODEL.DEVICE", args.device]
+        opts += ["TEST.VOCABULARY", repr(vocabulary(args.num_classes))]
+        seed_all_rng(0)
+        self.name = name
+        self.meta = HierVLTrainer.build_model(setup_cfg(CONFIG, opts))
+        self.sample = _sample(args.size, args.num_classes)
+        self.loss_terms: List[str] = []
+        self.queries: Dict[str, set] = {"forward": set(), "train": set()}
+        self._pass = "forward"
+        self.meta.model.decoder.register_forward_hook(self._record_queries)
+        self._torch = torch
 
-    def forward():
-        meta.eval()
-        with torch.no_grad():
-            meta([{k: sample[k] for k in ("image", "height", "width")}])
+    def _record_queries(self, module, inputs, output) -> None:
+        self.queries[self._pass].add(int(output["pred_logits"].shape[1]))
 
-    loss_terms: List[str] = []
+    def forward(self) -> None:
+        """Inference: eval, whole image, no grad."""
+        self._pass = "forward"
+        self.meta.eval()
+        with self._torch.no_grad():
+            self.meta([{k: self.sample[k] for k in ("image", "height", "width")}])
 
-    def forward_backward():
-        meta.train()
-        meta.zero_grad(set_to_none=True)
-        losses = meta([sample])
-        loss_terms[:] = sorted(k for k, v in losses.items() if float(v) != 0)
+    def forward_backward(self) -> None:
+        """The supervised training loss and its backward."""
+        self._pass = "train"
+        self.meta.train()
+        self.meta.zero_grad(set_to_none=True)
+        losses = self.meta([self.sample])
+        self.loss_terms = sorted(k for k, v in losses.items() if float(v) != 0)
         sum(losses.values()).backward()
 
-    fwd_s, fwd_mib = measure(forward)
-    train_s, train_mib = measure(forward_backward)
-    result = {
-        "model": args.case,
-        "trainable_params": trainable,
-        "frozen_params": frozen,
-        "forward_s": fwd_s,
-        "forward_mib": fwd_mib,
-        "train_s": train_s,
-        "train_mib": train_mib,
-        "loss_terms": loss_terms,
-        "threads": torch.get_num_threads(),
-        "num_queries": int(meta.model.decoder.num_visual_queries)
-        + (len(meta.model.class_names) * meta.model.decoder.num_text_levels)
-        * int(meta.model.decoder.text_queries_enabled),
-    }
-    if not args.no_flops:
-        result.update(count_gflops(meta.eval(), sample))
+    def description(self) -> Dict[str, object]:
+        decoder = self.meta.model.decoder
+        text = len(self.meta.model.class_names) * decoder.num_text_levels
+        return {
+            "trainable_params": sum(p.numel() for p in self.meta.parameters() if p.requires_grad),
+            "frozen_params": sum(p.numel() for p in self.meta.parameters() if not p.requires_grad),
+            "loss_terms": self.loss_terms,
+            "queries": {k: sorted(v) for k, v in self.queries.items()},
+            "max_queries": decoder.num_visual_queries + text * int(decoder.text_queries_enabled),
+        }
+
+
+def run_times(args: argparse.Namespace) -> Dict[str, Dict[str, object]]:
+    """Every model in this process, their passes interleaved (A B A B ...), so that a
+    slow spell of the machine hits both models alike; medians after the warm-up."""
+    import torch
+
+    cases = [_Case(name, args) for name in MODELS]
+    cuda = args.device == "cuda"
+    results: Dict[str, Dict[str, object]] = {c.name: {} for c in cases}
+    for key, pass_name in (("forward_s", "forward"), ("train_s", "forward_backward")):
+        times: Dict[str, List[float]] = {c.name: [] for c in cases}
+        for i in range(args.warmup + args.iters):
+            for case in cases:
+                elapsed, _ = timed_pass(getattr(case, pass_name), cuda, memory=False)
+                if i >= args.warmup:
+                    times[case.name].append(elapsed)
+        for name, values in times.items():
+            results[name][key] = statistics.median(values)
+            results[name][key.replace("_s", "_runs")] = values
+    for case in cases:
+        results[case.name].update(case.description(), threads=torch.get_num_threads())
+        if not args.no_flops:
+            results[case.name].update(count_gflops(case.meta.eval(), case.sample))
+    return results
+
+
+def run_memory(args: argparse.Namespace, name: str) -> Dict[str, object]:
+    """Peak memory each pass of one model adds (this process has only that model)."""
+    case = _Case(name, args)
+    cuda = args.device == "cuda"
+    result = {}
+    for key, fn in (("forward_mib", case.forward), ("train_mib", case.forward_backward)):
+        peaks = [timed_pass(fn, cuda)[1] for _ in range(args.warmup + 1)][args.warmup :]
+        result[key] = max((p for p in peaks if p is not None), default=float("nan"))
     return result
 
 
+def run_case(args: argparse.Namespace) -> Dict[str, object]:
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.case == "times":
+        return run_times(args)
+    return run_memory(args, args.case)
+
+
 # ----------------------------------------------------------------------------- driver
-def run_subprocess(args: argparse.Namespace, model: str) -> Dict[str, object]:
-    command = [sys.executable, os.path.abspath(__file__), "--case", model]
+def run_subprocess(args: argparse.Namespace, case: str) -> Dict[str, object]:
+    """``times``: both models in one process with the allocator's defaults (as training
+    runs); a model name: its memory, in a process with the mmap threshold of
+    ``case_env`` (which costs page faults on CPU and would distort times)."""
+    command = [sys.executable, os.path.abspath(__file__), "--case", case]
     for flag in ("device", "size", "num_classes", "iters", "warmup", "threads"):
         command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    if args.no_flops:
+    if args.no_flops or case != "times":
         command.append("--no-flops")
-    proc = subprocess.run(command, cwd=REPO, env=case_env(), capture_output=True, text=True)
+    env = dict(os.environ) if case == "times" else case_env()
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"model {model} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"case {case} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _seconds(values: List[float]) -> str:
+    return " ".join(f"{v:.2f}" for v in values) + " s"
 
 
 def print_tables(args: argparse.Namespace, results: Dict[str, Dict[str, object]]) -> None:
@@ -248,13 +297,14 @@ def print_tables(args: argparse.Namespace, results: Dict[str, Dict[str, object]]
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{results['hiervl']['threads']} threads"
     )
-    print("\n| model | queries | trainable (M) | frozen (M) | GFLOPs | forward (s) "
-          "| fwd mem (MiB) | fwd+bwd (s) | fwd+bwd mem (MiB) |")  # fmt: skip
+    print("\n| model | queries fwd / train (max) | trainable (M) | frozen (M) | GFLOPs "
+          "| forward (s) | fwd mem (MiB) | fwd+bwd (s) | fwd+bwd mem (MiB) |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         gflops = f"{r['gflops']:.1f}" if "gflops" in r else "-"
+        seen = " / ".join(",".join(map(str, r["queries"][p])) for p in ("forward", "train"))
         print(
-            f"| {name} | {r['num_queries']} | {r['trainable_params'] / 1e6:.1f} "
+            f"| {name} | {seen} ({r['max_queries']}) | {r['trainable_params'] / 1e6:.1f} "
             f"| {r['frozen_params'] / 1e6:.1f} | {gflops} | {r['forward_s']:.2f} "
             f"| {r['forward_mib']:.0f} | {r['train_s']:.2f} | {r['train_mib']:.0f} |"
         )
@@ -267,6 +317,12 @@ def print_tables(args: argparse.Namespace, results: Dict[str, Dict[str, object]]
     for label, key in rows:
         if key in h and key in m and m[key]:
             print(f"| {label} | {h[key] / m[key]:.3f}x |")
+    for label, key in (("forward", "forward_runs"), ("forward+backward", "train_runs")):
+        ratios = [a / b for a, b in zip(h[key], m[key])]
+        print(
+            f"{label}, run by run (interleaved): hiervl {_seconds(h[key])}, "
+            f"m2f-equivalent {_seconds(m[key])}; ratios {min(ratios):.3f}-{max(ratios):.3f}"
+        )
     overhead = h["train_s"] / m["train_s"] - 1
     verdict = "met" if overhead <= TARGET_OVERHEAD else "NOT met"
     print(
@@ -284,12 +340,13 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args)))
         return
-    results = {}
+    start = time.perf_counter()
+    print(f"timing {' and '.join(MODELS)} (interleaved) ...", file=sys.stderr, flush=True)
+    results = run_subprocess(args, "times")
     for model in MODELS:
-        start = time.perf_counter()
-        print(f"measuring {model} ...", file=sys.stderr, flush=True)
-        results[model] = run_subprocess(args, model)
-        print(f"  done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        print(f"memory of {model} ...", file=sys.stderr, flush=True)
+        results[model].update(run_subprocess(args, model))
+    print(f"  done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     print_tables(args, results)
 
 

@@ -40,23 +40,30 @@ def case_env() -> Dict[str, str]:
     return env
 
 
-def timed_pass(fn: Callable[[], object], cuda: bool) -> Tuple[float, Optional[float]]:
+def timed_pass(
+    fn: Callable[[], object], cuda: bool, memory: bool = True
+) -> Tuple[float, Optional[float]]:
     """Run ``fn`` once: (seconds, MiB of peak memory it added), the memory None when the
-    peak cannot be measured. CUDA: ``max_memory_allocated`` above the memory allocated
-    before; CPU: the process's peak resident set above its resident set before."""
+    peak cannot be measured or ``memory`` is False. CUDA: ``max_memory_allocated`` above
+    the memory allocated before; CPU: the process's peak resident set above its resident
+    set before."""
     import torch
 
+    before, reset = None, False
     if cuda:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
+        if memory:
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+    elif memory:
         before, reset = proc_status_kib("VmRSS"), reset_peak_rss()
     start = time.perf_counter()
     fn()
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    if not memory:
+        return elapsed, None
     if cuda:
         return elapsed, (torch.cuda.max_memory_allocated() - before) / 2**20
     if reset and before is not None:

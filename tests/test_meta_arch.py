@@ -263,7 +263,11 @@ def _num_params(model):
 def test_full_model_reference_shapes(model):
     out, presence = _forward(model)
     k, levels, visual = len(SYNTHETIC), 3, 8
-    assert out["pred_logits"].shape == (2, levels * k + visual, k + 1)
+    # Text queries exist for the classes some image keeps (here: its ground truth).
+    live = presence.any(0).nonzero().squeeze(1).tolist()
+    assert len(live) < k
+    assert out["pred_logits"].shape == (2, levels * len(live) + visual, k + 1)
+    assert out["query_class"].tolist() == live * levels + [-1] * visual
     # GT gate on labelled images: exactly the present classes are active.
     assert torch.equal(out["active"], presence)
     assert torch.equal(out["gate"], presence.float())
@@ -306,9 +310,9 @@ def test_ablation_cmsam_off_leaves_text_queries_unaligned(model):
 def test_ablation_without_visual_queries(model):
     ablated = _model("MODEL.HIERVL.DECODER.NUM_VISUAL_QUERIES", "0")
     assert _num_params(ablated) < _num_params(model)
-    out, _ = _forward(ablated)
-    k = len(SYNTHETIC)
-    assert out["pred_logits"].shape == (2, 3 * k, k + 1)
+    out, presence = _forward(ablated)
+    k, live = len(SYNTHETIC), int(presence.any(0).sum())
+    assert out["pred_logits"].shape == (2, 3 * live, k + 1)
     assert bool((out["query_class"] >= 0).all())
     _train_step(ablated, _labeled())
 
@@ -333,10 +337,10 @@ def test_ablation_without_level_hierarchy(model):
     ablated = _model("MODEL.HIERVL.HSQG.NUM_LEVELS", "1")
     assert _num_params(ablated) < _num_params(model)
     assert len(ablated.model.hsqg.level_mlps) == 1
-    out, _ = _forward(ablated)
-    k = len(SYNTHETIC)
-    assert out["pred_logits"].shape == (2, k + 8, k + 1)
-    assert torch.equal(out["query_class"][:k], torch.arange(k))
+    out, presence = _forward(ablated)
+    k, live = len(SYNTHETIC), presence.any(0).nonzero().squeeze(1)
+    assert out["pred_logits"].shape == (2, len(live) + 8, k + 1)
+    assert torch.equal(out["query_class"][: len(live)], live)
     _train_step(ablated, _labeled())
 
 

@@ -9,6 +9,7 @@ version and keeps the fused kernels.
 Shape letters: B batch, H heads, Nq queries, Nk keys, d head width.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -43,11 +44,63 @@ def masked_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-class MultiHeadAttention(nn.Module):
-    """Multi-head attention with explicit q/k/v/out projections on fused kernels.
+# How ``MultiHeadAttention`` evaluates its formula (all three are the same math):
+STANDARD = "standard"  # project queries, keys and values, fused kernel (SDPA)
+FOLD_QUERIES = "fold_queries"  # few queries: W_K / W_V move onto the query side
+FOLD_KEYS = "fold_keys"  # few keys: W_Q / W_O move onto the key side
+ORDERS = ("auto", STANDARD, FOLD_QUERIES, FOLD_KEYS)
 
-    The projections are plain ``nn.Linear`` layers (xavier-initialised, zero bias), so
-    tests can recompute the attention from the module's own weights.
+
+def attention_cost(order: str, num_queries: int, num_keys: int, dim: int, heads: int) -> int:
+    """Multiply-adds of one head-set of attention (per image) in a given evaluation order.
+
+    standard:     Q, K, V, O projections + scores + weighted sum
+                  = 2 (Nq + Nk) D^2 + 2 Nq Nk D
+    fold_queries: the per-head query is mapped back through W_K (Nq D^2), the weighted
+                  sum of raw values goes through W_V per head (Nq D^2), plus the Q and O
+                  projections; scores and sum run at width D for every head
+                  = 4 Nq D^2 + 2 H Nq Nk D
+    fold_keys:    symmetric, for few keys = 4 Nk D^2 + 2 H Nq Nk D
+    """
+    nq, nk, d, h = num_queries, num_keys, dim, heads
+    if order == STANDARD:
+        return 2 * (nq + nk) * d * d + 2 * nq * nk * d
+    if order == FOLD_QUERIES:
+        return 4 * nq * d * d + 2 * h * nq * nk * d
+    if order == FOLD_KEYS:
+        return 4 * nk * d * d + 2 * h * nq * nk * d
+    raise ValueError(f"unknown attention order {order!r}; expected one of {ORDERS}")
+
+
+def cheapest_order(num_queries: int, num_keys: int, dim: int, heads: int) -> str:
+    """The evaluation order with the fewest multiply-adds (``standard`` on ties)."""
+    orders = (STANDARD, FOLD_QUERIES, FOLD_KEYS)
+    costs = [attention_cost(o, num_queries, num_keys, dim, heads) for o in orders]
+    return orders[costs.index(min(costs))]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with explicit q/k/v/out projections.
+
+        out = W_O concat_h softmax_keys((W_Q^h query) . (W_K^h key) / sqrt(d)) (W_V^h value)
+
+    (biases included). The projections are plain ``nn.Linear`` layers (xavier-initialised,
+    zero bias), so tests can recompute the attention from the module's own weights.
+
+    The formula is evaluated in whichever of three exact orders costs the fewest
+    multiply-adds (``attention_cost``). Most attention here projects every token
+    (``standard``, fused SDPA kernel). When one side is a handful of tokens and the other
+    is thousands of pixels (CMSAM: a few active text queries against every pixel of a
+    level), projecting the pixels dominates, and associativity removes it:
+
+    - few queries (``fold_queries``): (W_Q^h q)·(W_K^h x + b_K^h) = (W_K^h^T W_Q^h q)·x +
+      a term constant over the keys (softmax ignores it), and
+      sum_x a (W_V^h x + b_V^h) = W_V^h (sum_x a x) + (sum_x a) b_V^h;
+    - few keys (``fold_keys``): (W_Q^h x + b_Q^h)·k^h = x·(W_Q^h^T k^h) + b_Q^h·k^h and
+      W_O^h sum_k a v^h = sum_k a (W_O^h v^h), with k^h, v^h the projected keys/values.
+
+    Pixels are then only read, never projected: the cost goes from O(P D^2) to
+    O(H Nq P D), e.g. 30x fewer multiply-adds for 4 queries against 4096 pixels at D = 256.
     """
 
     def __init__(self, *, dim: int, num_heads: int, dropout: float, name: str):
@@ -63,6 +116,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"{name}={dim} is not divisible by its NUM_HEADS={num_heads}")
         self.num_heads = num_heads
         self.dropout = dropout
+        self.order = "auto"  # tests pin one of ORDERS to compare them
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -75,6 +129,10 @@ class MultiHeadAttention(nn.Module):
         """(B, N, D) -> (B, H, N, d)."""
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, -1).transpose(1, 2)
+
+    def _head_weights(self, layer: nn.Linear) -> torch.Tensor:
+        """An input projection's weight split by output head: (H, d, D)."""
+        return layer.weight.view(self.num_heads, -1, layer.weight.shape[1])
 
     def forward(
         self,
@@ -92,8 +150,71 @@ class MultiHeadAttention(nn.Module):
         Returns:
             (B, Nq, D) = W_O concat_h(softmax(q k^T / sqrt(d)) v).
         """
+        order = self.order
+        if order == "auto":
+            order = cheapest_order(query.shape[1], key.shape[1], query.shape[2], self.num_heads)
+        if order in (FOLD_QUERIES, FOLD_KEYS):
+            # The batched matmuls below need one batch size (keys may be shared: B = 1).
+            b = max(query.shape[0], key.shape[0])
+            query, key = query.expand(b, -1, -1), key.expand(b, -1, -1)
+            value = value.expand(b, -1, -1)
+            fold = self._fold_queries if order == FOLD_QUERIES else self._fold_keys
+            return fold(query, key, value, allowed)
+        if order != STANDARD:
+            raise ValueError(f"unknown attention order {order!r}; expected one of {ORDERS}")
         q = self._heads(self.q_proj(query))
         k = self._heads(self.k_proj(key))
         v = self._heads(self.v_proj(value))
         out = masked_attention(q, k, v, allowed, self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).flatten(2))
+
+    def _softmax(self, scores: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+        """Masked softmax over the last axis of (B, H, Nq, Nk) scores, then dropout."""
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min / 2)
+        weights = scores.softmax(dim=-1)
+        if self.training and self.dropout > 0:
+            weights = F.dropout(weights, p=self.dropout)
+        return weights
+
+    def _fold_queries(self, query, key, value, allowed) -> torch.Tensor:
+        """``forward`` for few queries: keys and values are never projected."""
+        b, nq, dim = query.shape
+        heads, nk = self.num_heads, key.shape[1]
+        head_dim = dim // heads
+        q = self._heads(self.q_proj(query)) / math.sqrt(head_dim)  # (B, H, Nq, d)
+        # W_K^h^T q^h: one D-wide query per head, dotted with the raw keys.
+        q_wide = torch.matmul(q, self._head_weights(self.k_proj))  # (B, H, Nq, D)
+        scores = torch.bmm(q_wide.reshape(b, heads * nq, dim), key.transpose(1, 2))
+        # q^h·b_K^h is the same for every key, so softmax ignores it; it is added anyway
+        # (B·H·Nq additions) so that b_K stays in the graph like in the standard order.
+        k_bias = (q * self.k_proj.bias.view(1, heads, 1, head_dim)).sum(-1, keepdim=True)
+        weights = self._softmax(scores.view(b, heads, nq, nk) + k_bias, allowed)
+        summed = torch.bmm(weights.reshape(b, heads * nq, nk), value)  # (B, H·Nq, D)
+        summed = summed.view(b, heads, nq, dim)
+        # W_V^h (sum a x) + (sum a) b_V^h: sum a is 1 unless dropout removed some weights.
+        w_v = self._head_weights(self.v_proj).transpose(1, 2)  # (H, D, d)
+        bias = self.v_proj.bias.view(heads, 1, head_dim)
+        out = torch.matmul(summed, w_v) + weights.sum(dim=-1, keepdim=True) * bias
+        return self.out_proj(out.transpose(1, 2).reshape(b, nq, dim))
+
+    def _fold_keys(self, query, key, value, allowed) -> torch.Tensor:
+        """``forward`` for few keys: queries are never projected, W_O acts per key."""
+        b, nq, dim = query.shape
+        heads, nk = self.num_heads, key.shape[1]
+        head_dim = dim // heads
+        k = self._heads(self.k_proj(key)) / math.sqrt(head_dim)  # (B, H, Nk, d)
+        # x·(W_Q^h^T k^h) + b_Q^h·k^h
+        k_wide = torch.matmul(k, self._head_weights(self.q_proj))  # (B, H, Nk, D)
+        k_bias = (k * self.q_proj.bias.view(1, heads, 1, head_dim)).sum(-1)  # (B, H, Nk)
+        scores = torch.bmm(query, k_wide.reshape(b, heads * nk, dim).transpose(1, 2))
+        scores = scores.view(b, nq, heads, nk).transpose(1, 2) + k_bias[:, :, None, :]
+        weights = self._softmax(scores, allowed)  # (B, H, Nq, Nk)
+        # W_O^h v^h for every key: (B, H, Nk, D); the O bias is added once at the end.
+        v = self._heads(self.v_proj(value))
+        w_o = self.out_proj.weight.view(dim, heads, head_dim).permute(1, 2, 0)  # (H, d, D)
+        v_out = torch.matmul(v, w_o)
+        out = torch.bmm(
+            weights.transpose(1, 2).reshape(b, nq, heads * nk), v_out.reshape(b, heads * nk, dim)
+        )
+        return out + self.out_proj.bias

@@ -166,13 +166,20 @@ class SetCriterion(nn.Module):
         indices = self.matcher(outputs, targets, generator=generator)
         normalizer = self._num_matched(indices, outputs["pred_logits"].device)
 
-        losses = self._set_losses(outputs, targets, indices, valid, normalizer, generator, "")
+        # Every prediction set reads the same target masks: convert them to float once.
+        device = outputs["pred_masks"].device
+        target_maps = [t["masks"].to(device=device, dtype=torch.float32) for t in targets]
+        losses = self._set_losses(
+            outputs, targets, target_maps, indices, valid, normalizer, generator, ""
+        )
         if self.deep_supervision:
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
                 aux = dict(aux, query_valid=valid, query_class=outputs["query_class"])
                 aux_indices = self.matcher(aux, targets, generator=generator)
                 losses.update(
-                    self._set_losses(aux, targets, aux_indices, valid, normalizer, generator, i)
+                    self._set_losses(
+                        aux, targets, target_maps, aux_indices, valid, normalizer, generator, i
+                    )
                 )
         losses["loss_sup_rel"] = self.rel_weight * self._relevance_loss(
             relevance, targets, outputs["pred_logits"]
@@ -193,9 +200,11 @@ class SetCriterion(nn.Module):
             count = count / dist.get_world_size()
         return max(count.item(), 1.0)
 
-    def _set_losses(self, pred, targets, indices, valid, normalizer, generator, suffix):
+    def _set_losses(
+        self, pred, targets, target_maps, indices, valid, normalizer, generator, suffix
+    ):
         logits, masks = pred["pred_logits"].float(), pred["pred_masks"]
-        batch_idx, query_idx, labels, target_masks = _gather_matches(indices, targets, masks)
+        batch_idx, query_idx, labels, target_idx = _gather_matches(indices, targets, masks)
         assert bool(valid[batch_idx, query_idx].all()), "an invalid query was matched"
 
         num_classes = logits.shape[-1] - 1
@@ -222,7 +231,7 @@ class SetCriterion(nn.Module):
             )
             point_logits = point_sample(src, coords)[:, 0]
             with torch.no_grad():
-                point_labels = _sample_targets(target_masks, batch_idx, coords)
+                point_labels = _sample_targets(target_maps, target_idx, batch_idx, coords)
             mask_bce = sigmoid_bce_loss(point_logits, point_labels, normalizer)
             dice = dice_loss(point_logits, point_labels, normalizer)
 
@@ -262,26 +271,37 @@ class SetCriterion(nn.Module):
 
 
 def _gather_matches(indices, targets, like):
-    """Flatten per-image matches: batch index, query index, label (each (N,) long on
-    ``like``'s device) and the per-image list of matched target masks."""
+    """Flatten per-image matches: batch index, query index, label and the index of the
+    matched mask within its image's targets (each (N,) long on ``like``'s device)."""
     device = like.device
     batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(device)
     query_idx = torch.cat([q for q, _ in indices]).to(device)
     labels = torch.cat(
         [t["labels"].to(device)[j.to(device)] for t, (_, j) in zip(targets, indices)]
     ).long()
-    target_masks = [t["masks"][j.to(t["masks"].device)] for t, (_, j) in zip(targets, indices)]
-    return batch_idx, query_idx, labels, target_masks
+    target_idx = torch.cat([j for _, j in indices]).to(device=device, dtype=torch.long)
+    return batch_idx, query_idx, labels, target_idx
 
 
-def _sample_targets(target_masks, batch_idx, coords):
-    """Read each image's matched target masks (list of (n_b, H_b, W_b)) at the points of
-    the corresponding pairs (coords (N, P, 2)); returns (N, P) float."""
+def _sample_targets(target_maps, target_idx, batch_idx, coords):
+    """Read the target mask of every matched pair at that pair's points.
+
+    Args:
+        target_maps: per image, its (n_b, H_b, W_b) float target masks.
+        target_idx, batch_idx: (N,) the pair's mask index within its image, and its image.
+        coords: (N, P, 2) the pair's points.
+    Returns:
+        (N, P) float.
+
+    The pairs that share a mask (text queries of every hierarchy level are matched to
+    their class's mask) read it in one call, and no mask is copied per pair.
+    """
     out = coords.new_zeros(coords.shape[:2])
-    for i, masks in enumerate(target_masks):
-        rows = (batch_idx == i).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        maps = masks.to(device=coords.device, dtype=torch.float32)[:, None]
-        out[rows] = point_sample(maps, coords[rows])[:, 0]
+    for i, maps in enumerate(target_maps):
+        in_image = batch_idx == i
+        for j in target_idx[in_image].unique().tolist():
+            rows = (in_image & (target_idx == j)).nonzero().squeeze(1)
+            points = coords[rows].reshape(1, -1, 2)  # (1, R·P, 2)
+            sampled = point_sample(maps[j].to(coords.device)[None, None], points)
+            out[rows] = sampled.view(rows.numel(), -1)
     return out

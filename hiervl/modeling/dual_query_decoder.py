@@ -1,12 +1,14 @@
 """Dual-query transformer decoder (DQTD): Mask2Former's masked-attention decoder run on
 CMSAM-aligned text queries together with learnable visual queries.
 
-Shape letters: B batch, L text (hierarchy) levels, K classes, M visual queries,
-Q = L·K + M queries (M alone with text queries off), D decoder width, F feature levels
+Shape letters: B batch, L text (hierarchy) levels, K classes, K' classes given text
+queries (K' = K, or fewer when the caller drops classes no image keeps), M visual queries,
+Q = L·K' + M queries (M alone with text queries off), D decoder width, F feature levels
 (coarse → fine), S_f = h_f·w_f tokens of feature level f, E mask-feature width, h×w
 mask-feature size, C CLIP width.
 
-Query order: text queries level-major (index l·K + k), then the M visual queries.
+Query order: text queries level-major (index l·K' + j, class ``text_classes[j]``), then
+the M visual queries.
 Text queries take their content from the pixel decoder and carry a learnable level
 embedding as positional embedding; visual queries have a learnable content and a
 learnable positional embedding (as in Mask2Former).
@@ -191,14 +193,17 @@ class DualQueryDecoder(nn.Module):
         multi_scale_features: list,
         mask_features: torch.Tensor,
         class_embed: torch.Tensor,
+        text_classes: Optional[torch.Tensor] = None,
     ) -> dict:
         """
         Args:
-            text_queries: (B, L, K, D) aligned text queries from the pixel decoder.
-            text_active: (B, K) bool, HSQG's active classes.
+            text_queries: (B, L, K', D) aligned text queries from the pixel decoder.
+            text_active: (B, K') bool, HSQG's active classes among them.
             multi_scale_features: F maps (B, in_channels, h_f, w_f), coarse → fine.
             mask_features: (B, E, h, w).
-            class_embed: (K, C) text embeddings for the classifier.
+            class_embed: (K, C) text embeddings for the classifier (every class).
+            text_classes: (K',) long, the class of each text-query column; None = all K
+                classes in order (K' = K).
 
         Returns:
             dict with ``pred_logits`` (B, Q, K + 1), ``pred_masks`` (B, Q, h, w),
@@ -207,6 +212,21 @@ class DualQueryDecoder(nn.Module):
             queries), ``query_class`` (Q,) long (k for text queries, -1 for visual ones).
         """
         b, num_levels, k, d = text_queries.shape
+        num_classes = class_embed.shape[0]
+        if text_classes is None:
+            if k != num_classes:
+                raise ValueError(
+                    f"class_embed has {num_classes} classes, queries have {k} (pass "
+                    f"text_classes when the text queries cover a subset)"
+                )
+            text_classes = torch.arange(num_classes, device=text_queries.device)
+        if text_classes.shape != (k,):
+            raise ValueError(
+                f"text_classes must be ({k},) (one class per text-query column), got "
+                f"{tuple(text_classes.shape)}"
+            )
+        if k and not (0 <= int(text_classes.min()) and int(text_classes.max()) < num_classes):
+            raise ValueError(f"text_classes must lie in [0, {num_classes}), got {text_classes}")
         if num_levels != self.num_text_levels or d != self.hidden_dim:
             raise ValueError(
                 f"text_queries {tuple(text_queries.shape)} do not match the decoder "
@@ -214,8 +234,6 @@ class DualQueryDecoder(nn.Module):
             )
         if text_active.shape != (b, k):
             raise ValueError(f"text_active must be {(b, k)}, got {tuple(text_active.shape)}")
-        if class_embed.shape[0] != k:
-            raise ValueError(f"class_embed has {class_embed.shape[0]} classes, queries have {k}")
         if len(multi_scale_features) != self.num_feature_levels:
             raise ValueError(
                 f"got {len(multi_scale_features)} feature levels, the decoder was built for "
@@ -236,7 +254,7 @@ class DualQueryDecoder(nn.Module):
             x = text_queries.reshape(b, num_levels * k, d)  # level-major: index l·K + k
             pos = self.text_level_embed.weight.repeat_interleave(k, dim=0)  # (L·K, D)
             valid = text_active.bool().repeat(1, num_levels)  # (B, L·K)
-            query_class = torch.arange(k, device=device).repeat(num_levels)
+            query_class = text_classes.to(device=device, dtype=torch.long).repeat(num_levels)
         else:
             x = text_queries.new_zeros(b, 0, d)
             pos = text_queries.new_zeros(0, d)

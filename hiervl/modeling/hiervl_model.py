@@ -3,7 +3,7 @@
     images ─► E_I^θ (CLIPImageBackbone) ─► res2..res5 ─┐
     images ─► E_I^0 (frozen) ─► v ──► HSQG ◄── t_k ◄── E_T + prompt (CLIPTextEncoder)
                                         │ queries (B,L,K,D), active (B,K)
-                                        ▼
+                                        ▼ classes no image keeps are dropped (K' ≤ K)
                      CMSAM pixel decoder ─► mask features, multi-scale maps, Q_aligned
                                         ▼
                      dual-query decoder + dynamic mask head ─► logits, masks, Φ(q)
@@ -24,6 +24,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from hiervl.modeling.inference import semantic_inference
+
+
+def live_text_queries(
+    queries: torch.Tensor, active: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Keep only the classes that some image of the batch keeps active.
+
+    A class HSQG pruned in every image cannot influence any output (CMSAM and the decoder
+    mask it as a key, leave it unchanged as a query, and its outputs are invalid), so not
+    computing it is exact, and it is most of the text queries: the few classes present in
+    an image out of K. Classes active in another image of the batch stay, masked for the
+    images that pruned them.
+
+    Args:
+        queries: (B, L, K, D); active: (B, K) bool.
+    Returns:
+        queries (B, L, K', D), active (B, K'), and the kept class indices (K',) long, or
+        None when every class is kept (K' = K).
+    """
+    live = active.any(dim=0)
+    if bool(live.all()):
+        return queries, active, None
+    classes = live.nonzero().squeeze(1)
+    return queries[:, :, classes], active[:, classes], classes
 
 
 class HierVLModel(nn.Module):
@@ -100,6 +124,7 @@ class HierVLModel(nn.Module):
                 from E_I^0's pass at CLIP's native size (``global_embedding``).
         Returns:
             The decoder's dict (``pred_logits`` (B,Q,K+1), ``pred_masks`` (B,Q,h,w),
+            Q = L·K' + M with K' the classes active in at least one image,
             ``query_proj`` (B,Q,C), ``aux_outputs``, ``query_valid`` (B,Q),
             ``query_class`` (Q,)) plus ``relevance`` / ``gate`` / ``active`` (B,K) from
             HSQG (``relevance`` None when HSQG is disabled), ``frozen`` (E_I^0's
@@ -115,9 +140,15 @@ class HierVLModel(nn.Module):
             }
         image_embed = self.frozen_encoder.global_embedding(images) if self.hsqg.enabled else None
         gen = self.hsqg(t, image_embed, presence, labeled, num_images=images.shape[0])
-        pix = self.pixel_decoder(features, gen.queries, gen.active)
+        queries, active, classes = live_text_queries(gen.queries, gen.active)
+        pix = self.pixel_decoder(features, queries, active)
         out = self.decoder(
-            pix.text_queries, gen.active, pix.multi_scale_features, pix.mask_features, t
+            pix.text_queries,
+            active,
+            pix.multi_scale_features,
+            pix.mask_features,
+            t,
+            text_classes=classes,
         )
         out.update(
             relevance=gen.relevance,

@@ -11,8 +11,10 @@ Turns the K class-text embeddings into L levels of relevance-gated decoder queri
 Shape letters: B images, K classes, L hierarchy levels, C CLIP embedding width,
 D decoder width.
 
-Everything is fixed-size (B, ..., K, ...) with a boolean ``active`` mask; inactive classes
-are pruned downstream (key padding in attention, dropped from outputs and losses).
+Everything is fixed-size (B, ..., K, ...) with a boolean ``active`` mask. Downstream,
+classes inactive in every image of the batch are not computed at all
+(``hiervl_model.live_text_queries``); the others are pruned per image (key padding in
+attention, dropped from outputs and losses).
 """
 
 from __future__ import annotations

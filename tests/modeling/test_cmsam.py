@@ -174,6 +174,43 @@ def test_fused_attention_matches_explicit_under_autograd():
     torch.testing.assert_close(g_fused, g_explicit)
 
 
+@pytest.mark.parametrize("order", ["standard", "fold_queries", "fold_keys"])
+def test_every_attention_order_matches_the_explicit_module(order):
+    """CMSAM's attentions evaluated in each exact order (``MultiHeadAttention.order``) give
+    the explicit formulas' outputs and gradients, pixel padding included (float64)."""
+    module = _cmsam(num_heads=2).double()
+    with torch.no_grad():
+        for attn in (module.text_to_pixel, module.pixel_to_text):
+            for layer in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+                layer.bias.normal_()
+            attn.order = order
+    queries, active, pixels, pos = (t.double() if t.is_floating_point() else t for t in _inputs())
+    queries.requires_grad_(True)
+    pixels.requires_grad_(True)
+    padding = torch.zeros(B, P, dtype=torch.bool)
+    padding[1, -3:] = True
+    got = module(queries, active, pixels, pos, padding)
+    want = _explicit_cmsam(module, queries, active, pixels, pos, padding)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    params = [queries, pixels, *module.parameters()]
+    grads_got = torch.autograd.grad(sum(t.square().sum() for t in got), params)
+    grads_want = torch.autograd.grad(sum(t.square().sum() for t in want), params)
+    for g, w in zip(grads_got, grads_want):
+        torch.testing.assert_close(g, w)
+
+
+def test_few_active_queries_fold_the_pixel_projections():
+    """At the paper's sizes (D = 256, 8 heads) a handful of text queries against a level's
+    pixels is evaluated without projecting the pixels, in both directions."""
+    from hiervl.modeling.attention import cheapest_order
+
+    assert cheapest_order(4, 64 * 64, 256, 8) == "fold_queries"  # text -> pixel
+    assert cheapest_order(64 * 64, 4, 256, 8) == "fold_keys"  # pixel -> text
+    # All 150 ADE20K classes active: projecting the pixels is cheaper again.
+    assert cheapest_order(150, 64 * 64, 256, 8) == "standard"
+
+
 def test_bad_inputs_fail_loudly():
     with pytest.raises(ValueError, match="divisible"):
         CMSAM(dim=D, num_heads=3, ffn_dim=16, dropout=0.0)

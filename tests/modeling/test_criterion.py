@@ -354,3 +354,25 @@ def test_bfloat16_outputs_under_autocast_match_float32():
     for key in ref:
         assert losses[key].dtype == torch.float32, key
         assert losses[key].item() == pytest.approx(ref[key].item(), rel=0.05, abs=1e-3), key
+
+
+def test_target_points_of_pairs_sharing_a_mask():
+    """_sample_targets reads every pair's own mask at its own points, also when several
+    pairs (text queries of the L levels) share one mask: same as sampling per pair."""
+    from hiervl.modeling.criterion import _sample_targets
+    from hiervl.modeling.point_sampling import point_sample
+
+    g = torch.Generator().manual_seed(0)
+    maps = [(torch.rand(3, 9, 11, generator=g) > 0.5).float(), torch.rand(2, 9, 11, generator=g)]
+    batch_idx = torch.tensor([0, 0, 0, 1, 0, 1])
+    target_idx = torch.tensor([2, 0, 2, 1, 2, 1])
+    coords = torch.rand(6, 5, 2, generator=g)
+    got = _sample_targets(maps, target_idx, batch_idx, coords)
+    for n in range(6):
+        mask = maps[int(batch_idx[n])][int(target_idx[n])]
+        expected = point_sample(mask[None, None], coords[n : n + 1])[0, 0]
+        torch.testing.assert_close(got[n], expected)
+    # By hand: a point at a pixel centre reads that pixel.
+    centre = torch.tensor([[[(4 + 0.5) / 11, (7 + 0.5) / 9]]])  # x = column 4, y = row 7
+    one = _sample_targets([maps[1]], torch.tensor([0]), torch.tensor([0]), centre)
+    torch.testing.assert_close(one[0, 0], maps[1][0, 7, 4])

@@ -181,10 +181,17 @@ def test_batched_equals_per_image(model):
                 scores[one], model.predict_scores(images[one], text), rtol=1e-4, atol=1e-5
             )
             single = model(images[one], presence=presence[one], labeled=labeled[one], text=text)
-            assert torch.equal(single["query_valid"], batched["query_valid"][one])
             assert torch.equal(single["active"], batched["active"][one])
-            for key in ("pred_logits", "pred_masks", "relevance"):
-                torch.testing.assert_close(single[key], batched[key][one], rtol=1e-4, atol=1e-4)
+            # The batch computes the classes of every image; this image's valid queries
+            # are the same queries (same classes, same order) with the same outputs.
+            mine = batched["query_valid"][b]
+            assert single["query_valid"].all()
+            assert torch.equal(single["query_class"], batched["query_class"][mine])
+            for key in ("pred_logits", "pred_masks"):
+                torch.testing.assert_close(
+                    single[key][0], batched[key][b][mine], rtol=1e-4, atol=1e-4
+                )
+            torch.testing.assert_close(single["relevance"], batched["relevance"][one])
     # The labelled gate really is the ground truth, the unlabelled one the prediction.
     assert torch.equal(batched["gate"][0], presence[0].float())
     assert torch.equal(batched["gate"][1], batched["relevance"][1])
@@ -256,3 +263,45 @@ def test_frozen_passes_run_only_when_needed(hsqg_enabled):
         torch.testing.assert_close(lean["relevance"], want)
     else:
         assert lean["relevance"] is None
+
+
+def test_classes_no_image_keeps_are_not_computed_and_change_nothing(model, monkeypatch):
+    """HierVLModel drops the text queries of classes pruned in every image of the batch;
+    the valid queries' outputs equal those of the model computing every class (pruned
+    ones masked), in inference and for the criterion's losses."""
+    from hiervl.modeling import hiervl_model
+
+    batch = labeled_batch(2, seed=3)
+    targets = [semantic_to_targets(lab, num_classes=len(CLASSES)) for lab in batch.labels]
+    presence = torch.zeros(2, len(CLASSES), dtype=torch.bool)
+    for i, target in enumerate(targets):
+        presence[i, target["labels"]] = True
+    live = presence.any(0).nonzero().squeeze(1)
+    assert 0 < len(live) < len(CLASSES), "the case needs a class no image has"
+    with torch.no_grad():
+        text = model.class_embeddings()
+        compact = model(batch.images, presence=presence, text=text)
+        monkeypatch.setattr(hiervl_model, "live_text_queries", lambda q, a: (q, a, None))
+        full = model(batch.images, presence=presence, text=text)
+    levels = model.hsqg.num_levels
+    num_visual = model.decoder.num_visual_queries
+    assert full["pred_logits"].shape[1] == levels * len(CLASSES) + num_visual
+    assert compact["query_class"].tolist() == live.tolist() * levels + [-1] * num_visual
+    for b in range(2):
+        keep = full["query_valid"][b]
+        mine = compact["query_valid"][b]
+        assert torch.equal(full["query_class"][keep], compact["query_class"][mine])
+        for key in ("pred_logits", "pred_masks", "query_proj"):
+            torch.testing.assert_close(compact[key][b][mine], full[key][b][keep])
+        for aux_c, aux_f in zip(compact["aux_outputs"], full["aux_outputs"]):
+            torch.testing.assert_close(aux_c["pred_masks"][b][mine], aux_f["pred_masks"][b][keep])
+    torch.testing.assert_close(
+        model.semantic_scores(compact, (SIZE, SIZE)), model.semantic_scores(full, (SIZE, SIZE))
+    )
+    criterion = build_criterion()
+    kwargs = {"relevance": full["relevance"], "text_clip": text[1]}
+    loss_full = criterion(full, targets, generator=torch.Generator().manual_seed(0), **kwargs)
+    loss_compact = criterion(compact, targets, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert loss_full.keys() == loss_compact.keys()
+    for name in loss_full:
+        torch.testing.assert_close(loss_compact[name], loss_full[name], msg=name)
