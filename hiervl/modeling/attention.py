@@ -177,24 +177,36 @@ class MultiHeadAttention(nn.Module):
             weights = F.dropout(weights, p=self.dropout)
         return weights
 
+    def _widened(self, x: torch.Tensor, own: nn.Linear, other: nn.Linear):
+        """Project the short side ``x`` (B, N, D) with ``own`` (scaled by 1/sqrt(d)) and
+        map it back through the other side's projection, head by head.
+
+        Returns:
+            p: (B, H, N, d) = own^h x / sqrt(d);
+            p_wide: (B, H, N, D) = other^h^T p^h, to be dotted with the other side's raw
+                tokens;
+            p_bias: (B, H, N, 1) = other's bias^h · p^h, the rest of the dot product.
+        """
+        heads = self.num_heads
+        p = self._heads(own(x)) / math.sqrt(x.shape[-1] // heads)
+        p_wide = torch.matmul(p, self._head_weights(other))
+        p_bias = (p * other.bias.view(1, heads, 1, -1)).sum(-1, keepdim=True)
+        return p, p_wide, p_bias
+
     def _fold_queries(self, query, key, value, allowed) -> torch.Tensor:
         """``forward`` for few queries: keys and values are never projected."""
         b, nq, dim = query.shape
         heads, nk = self.num_heads, key.shape[1]
-        head_dim = dim // heads
-        q = self._heads(self.q_proj(query)) / math.sqrt(head_dim)  # (B, H, Nq, d)
-        # W_K^h^T q^h: one D-wide query per head, dotted with the raw keys.
-        q_wide = torch.matmul(q, self._head_weights(self.k_proj))  # (B, H, Nq, D)
+        _, q_wide, k_bias = self._widened(query, self.q_proj, self.k_proj)
         scores = torch.bmm(q_wide.reshape(b, heads * nq, dim), key.transpose(1, 2))
         # q^h·b_K^h is the same for every key, so softmax ignores it; it is added anyway
         # (B·H·Nq additions) so that b_K stays in the graph like in the standard order.
-        k_bias = (q * self.k_proj.bias.view(1, heads, 1, head_dim)).sum(-1, keepdim=True)
         weights = self._softmax(scores.view(b, heads, nq, nk) + k_bias, allowed)
         summed = torch.bmm(weights.reshape(b, heads * nq, nk), value)  # (B, H·Nq, D)
         summed = summed.view(b, heads, nq, dim)
         # W_V^h (sum a x) + (sum a) b_V^h: sum a is 1 unless dropout removed some weights.
         w_v = self._head_weights(self.v_proj).transpose(1, 2)  # (H, D, d)
-        bias = self.v_proj.bias.view(heads, 1, head_dim)
+        bias = self.v_proj.bias.view(heads, 1, -1)
         out = torch.matmul(summed, w_v) + weights.sum(dim=-1, keepdim=True) * bias
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, dim))
 
@@ -202,17 +214,14 @@ class MultiHeadAttention(nn.Module):
         """``forward`` for few keys: queries are never projected, W_O acts per key."""
         b, nq, dim = query.shape
         heads, nk = self.num_heads, key.shape[1]
-        head_dim = dim // heads
-        k = self._heads(self.k_proj(key)) / math.sqrt(head_dim)  # (B, H, Nk, d)
         # x·(W_Q^h^T k^h) + b_Q^h·k^h
-        k_wide = torch.matmul(k, self._head_weights(self.q_proj))  # (B, H, Nk, D)
-        k_bias = (k * self.q_proj.bias.view(1, heads, 1, head_dim)).sum(-1)  # (B, H, Nk)
+        _, k_wide, q_bias = self._widened(key, self.k_proj, self.q_proj)
         scores = torch.bmm(query, k_wide.reshape(b, heads * nk, dim).transpose(1, 2))
-        scores = scores.view(b, nq, heads, nk).transpose(1, 2) + k_bias[:, :, None, :]
+        scores = scores.view(b, nq, heads, nk).transpose(1, 2) + q_bias.transpose(2, 3)
         weights = self._softmax(scores, allowed)  # (B, H, Nq, Nk)
         # W_O^h v^h for every key: (B, H, Nk, D); the O bias is added once at the end.
         v = self._heads(self.v_proj(value))
-        w_o = self.out_proj.weight.view(dim, heads, head_dim).permute(1, 2, 0)  # (H, d, D)
+        w_o = self.out_proj.weight.view(dim, heads, -1).permute(1, 2, 0)  # (H, d, D)
         v_out = torch.matmul(v, w_o)
         out = torch.bmm(
             weights.transpose(1, 2).reshape(b, nq, heads * nk), v_out.reshape(b, heads * nk, dim)
