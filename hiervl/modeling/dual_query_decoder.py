@@ -251,9 +251,9 @@ class DualQueryDecoder(nn.Module):
             memory_pos.append(pos.unsqueeze(0))
 
         if self.text_queries_enabled:
-            x = text_queries.reshape(b, num_levels * k, d)  # level-major: index l·K + k
-            pos = self.text_level_embed.weight.repeat_interleave(k, dim=0)  # (L·K, D)
-            valid = text_active.bool().repeat(1, num_levels)  # (B, L·K)
+            x = text_queries.reshape(b, num_levels * k, d)  # level-major: index l·K' + j
+            pos = self.text_level_embed.weight.repeat_interleave(k, dim=0)  # (L·K', D)
+            valid = text_active.bool().repeat(1, num_levels)  # (B, L·K')
             query_class = text_classes.to(device=device, dtype=torch.long).repeat(num_levels)
         else:
             x = text_queries.new_zeros(b, 0, d)

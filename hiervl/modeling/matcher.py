@@ -1,8 +1,8 @@
 """Query ↔ ground-truth assignment for the dual-query decoder.
 
-Shape letters: B batch, Q queries (L·K text queries level-major, then M visual ones),
-K classes, n ground-truth masks of one image (one per present class), h×w predicted
-mask size, H×W ground-truth size, P sampled points.
+Shape letters: B batch, Q queries (L·K' text queries level-major, K' ≤ K of the classes,
+then M visual ones), K classes, n ground-truth masks of one image (one per present
+class), h×w predicted mask size, H×W ground-truth size, P sampled points.
 
 - Text queries have a **fixed** assignment: the valid (active) text query of class k, at
   every level, is matched to the ground-truth mask of class k when k is present; it is
