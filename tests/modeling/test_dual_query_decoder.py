@@ -232,3 +232,31 @@ def test_input_errors():
         dec(text, active, feats, mask_feats, class_embed[:-1])
     with pytest.raises(ValueError, match="NUM_LAYERS"):
         _decoder(num_layers=0)
+
+
+def test_text_queries_for_a_subset_of_the_classes():
+    """``text_classes`` names each text-query column's class: the queries of that subset
+    equal the full decoder's queries of those classes when the others are inactive, and
+    the classifier still scores every class."""
+    dec = _decoder(num_layers=2)
+    text, active, feats, mask_feats, class_embed = _inputs()
+    active[:, 1] = False  # class 1 pruned in every image
+    full = dec(text, active, feats, mask_feats, class_embed)
+    keep = torch.tensor([0, 2])
+    sub = dec(text[:, :, keep], active[:, keep], feats, mask_feats, class_embed, text_classes=keep)
+    assert sub["query_class"].tolist() == [0, 2, 0, 2, -1, -1, -1, -1]
+    assert sub["pred_logits"].shape == (B, L * 2 + M, K + 1)
+    rows = full["query_valid"][0]
+    for key in ("pred_logits", "pred_masks"):
+        torch.testing.assert_close(sub[key], full[key][:, rows])
+
+
+def test_text_classes_errors():
+    dec = _decoder(num_layers=1)
+    text, active, feats, mask_feats, class_embed = _inputs()
+    with pytest.raises(ValueError, match="text_classes must be"):
+        dec(text, active, feats, mask_feats, class_embed, text_classes=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 3\)"):
+        dec(text, active, feats, mask_feats, class_embed, text_classes=torch.tensor([0, 1, 3]))
+    with pytest.raises(ValueError, match="pass text_classes"):
+        dec(text[:, :, :2], active[:, :2], feats, mask_feats, class_embed)
