@@ -7,11 +7,13 @@ step. "semi" is the config as written (labelled + unlabelled streams: UniMatch
 consistency, entropy, MaskCLIP guidance, L_prompt, L_mask, L_pt); "sup" turns
 MODEL.HIERVL.SSL and the VL terms off (labelled stream and the supervised criterion only).
 
-Each (config, mode) runs in a fresh subprocess so that one case's freed memory cannot
-hide the next one's peak. Memory on CPU is the process's peak resident set during a timed
-iteration minus its resident set just before it (the kernel's high-water mark VmHWM,
-reset through /proc/self/clear_refs before every iteration), with glibc's mmap threshold
-fixed at 64 KiB so freed tensors leave the resident set; on CUDA it is
+Each (config, mode) runs in two fresh subprocesses: one for the times, with the
+allocator's default settings (as training runs), and one for the memory, so that one
+case's freed memory cannot hide the next one's peak. Memory on CPU is the process's peak
+resident set during an iteration after the warm-up minus its resident set just before it
+(the kernel's high-water mark VmHWM, reset through /proc/self/clear_refs), with glibc's
+mmap threshold fixed at 64 KiB so freed tensors leave the resident set (a setting that
+costs page faults, hence not used for the times); on CUDA it is
 ``torch.cuda.max_memory_allocated`` above the memory allocated before the iteration.
 Both are the memory one iteration adds on top of the model, its gradients and the AdamW
 state (allocated by the warm-up). Times are medians over ``--iters`` iterations after
@@ -72,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    p.add_argument("--measure", choices=["time", "memory"], default="time", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -120,10 +123,11 @@ def run_case(args: argparse.Namespace) -> Dict[str, object]:
     cuda = args.device == "cuda"
     times, peaks, data_times = [], [], []
     loss_terms: List[str] = []
+    memory = args.measure == "memory"
     with EventStorage(0) as storage:
-        for it in range(args.warmup + args.iters):
+        for it in range(args.warmup + (1 if memory else args.iters)):
             trainer.iter = trainer._trainer.iter = storage.iter = it
-            elapsed, peak = timed_pass(trainer.run_step, cuda)
+            elapsed, peak = timed_pass(trainer.run_step, cuda, memory=memory)
             if it < args.warmup:
                 continue
             times.append(elapsed)
@@ -151,15 +155,24 @@ def run_case(args: argparse.Namespace) -> Dict[str, object]:
 
 # ----------------------------------------------------------------------------- driver
 def run_subprocess(args: argparse.Namespace, config: str, mode: str) -> Dict[str, object]:
-    command = [sys.executable, os.path.abspath(__file__), "--case", f"{config}:{mode}"]
-    flags = ("device", "batch", "tiny_crop", "full_crop", "num_classes", "iters", "warmup")
-    for flag in flags + ("threads",):
-        command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    env = case_env()
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"case {config}:{mode} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Times from a process with default allocator settings, memory from one with the
+    mmap threshold of ``case_env``."""
+    results = {}
+    for measure in ("time", "memory"):
+        command = [sys.executable, os.path.abspath(__file__), "--case", f"{config}:{mode}"]
+        flags = ("device", "batch", "tiny_crop", "full_crop", "num_classes", "iters", "warmup")
+        for flag in flags + ("threads", "measure"):
+            value = measure if flag == "measure" else getattr(args, flag)
+            command += [f"--{flag.replace('_', '-')}", str(value)]
+        env = case_env() if measure == "memory" else dict(os.environ)
+        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"case {config}:{mode} ({measure}) failed:\n{proc.stderr[-4000:]}")
+        results[measure] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = results["time"]
+    result["peak_mib"] = results["memory"]["peak_mib"]
+    result["process_peak_mib"] = results["memory"]["process_peak_mib"]
+    return result
 
 
 def _count_by_prefix(terms: List[str]) -> str:
