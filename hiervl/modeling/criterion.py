@@ -293,15 +293,29 @@ def _sample_targets(target_maps, target_idx, batch_idx, coords):
     Returns:
         (N, P) float.
 
-    The pairs that share a mask (text queries of every hierarchy level are matched to
-    their class's mask) read it in one call, and no mask is copied per pair.
+    Several pairs can share a mask (the text queries of every hierarchy level are matched
+    to their class's mask): per image, each mask is read once at the points of all its
+    pairs (one ``grid_sample`` over the image's masks, pairs in slots 0..R-1 of their
+    mask, unused slots padded), and no mask is copied per pair.
     """
     out = coords.new_zeros(coords.shape[:2])
+    num_points = coords.shape[1]
     for i, maps in enumerate(target_maps):
-        in_image = batch_idx == i
-        for j in target_idx[in_image].unique().tolist():
-            rows = (in_image & (target_idx == j)).nonzero().squeeze(1)
-            points = coords[rows].reshape(1, -1, 2)  # (1, R·P, 2)
-            sampled = point_sample(maps[j].to(coords.device)[None, None], points)
-            out[rows] = sampled.view(rows.numel(), -1)
+        rows = (batch_idx == i).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        masks = target_idx[rows]
+        # Slot of each pair among the pairs of its mask: its rank in a stable sort.
+        order = torch.sort(masks, stable=True).indices
+        counts = torch.bincount(masks, minlength=maps.shape[0])
+        starts = counts.cumsum(0) - counts
+        slot = torch.empty_like(masks)
+        slot[order] = torch.arange(len(rows), device=masks.device) - starts[masks[order]]
+        width = int(counts.max())
+        grid = coords.new_zeros(maps.shape[0], width, num_points, 2)
+        grid[masks, slot] = coords[rows]
+        sampled = point_sample(
+            maps.to(coords.device)[:, None], grid.view(maps.shape[0], width * num_points, 2)
+        )  # (n_b, 1, width·P)
+        out[rows] = sampled.view(maps.shape[0], width, num_points)[masks, slot]
     return out

@@ -2,8 +2,8 @@
 every loss term on (labelled + unlabelled streams, consistency, entropy, MaskCLIP and the
 vision-language terms), the total loss falls and the trained model beats both the untrained
 one's mIoU on the held-out validation images and the majority-class baseline (measured:
-loss 20.6 -> 12.3 over the first/last 15 iterations; mIoU 2.2 untrained, 13.8 majority,
-20.7 trained)."""
+loss 20.6 -> 9.3 over the first/last 15 iterations; mIoU 2.2 untrained, 13.8 majority,
+24.9 trained; 23.2 with the other attention evaluation order of the tiny decoder)."""
 
 import statistics
 
@@ -15,7 +15,9 @@ from hiervl.quickstart import majority_baseline
 
 pytestmark = pytest.mark.slow
 
-ITERATIONS = 400
+# 400 iterations ended at 16.4-20.7 mIoU depending on float rounding alone (two exact
+# attention evaluation orders): too close to the majority-class bar; 600 end at 23-25.
+ITERATIONS = 600
 
 
 def test_semi_supervised_training_lowers_the_loss_and_beats_the_untrained_model(tmp_path):

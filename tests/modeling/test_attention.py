@@ -149,7 +149,13 @@ def test_dropout_keeps_the_folded_value_bias_exact():
 
 @pytest.mark.parametrize(
     "nq, nk, expected",
-    [(4, 4096, FOLD_QUERIES), (4096, 4, FOLD_KEYS), (112, 4096, STANDARD), (100, 100, STANDARD)],
+    [
+        (4, 4096, FOLD_QUERIES),
+        (4096, 4, FOLD_KEYS),
+        (112, 4096, STANDARD),
+        (100, 100, STANDARD),
+        (20, 4096, STANDARD),  # folding saves 41 %: not enough for an unfused kernel
+    ],
 )
 def test_auto_picks_the_cheapest_order(nq, nk, expected):
     """CMSAM's few text queries against a level's pixels fold; the decoder's ~100 queries
@@ -161,3 +167,21 @@ def test_auto_picks_the_cheapest_order(nq, nk, expected):
     assert attention_cost(FOLD_QUERIES, 4, 4096, 256, 8) == 16 * 65536 + 64 * 4096 * 256
     with pytest.raises(ValueError, match="unknown attention order 'sideways'"):
         attention_cost("sideways", 1, 1, 8, 2)
+
+
+@pytest.mark.parametrize("order", [STANDARD, FOLD_QUERIES, FOLD_KEYS])
+def test_every_order_keeps_the_autocast_dtype(order):
+    """Under bf16 autocast every order returns bf16 (a float32 bias must not promote)."""
+    module = _mha(order).float()
+    query, key = torch.randn(2, 3, 16), torch.randn(2, 40, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(query, key, key, None)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), module(query, key, key, None), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("order", ["auto", STANDARD, FOLD_QUERIES, FOLD_KEYS])
+def test_no_queries_gives_an_empty_output(order):
+    query = torch.zeros(2, 0, 16, dtype=torch.float64)
+    key = torch.randn(2, 5, 16, dtype=torch.float64)
+    assert _mha(order)(query, key, key, None).shape == (2, 0, 16)
