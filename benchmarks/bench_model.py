@@ -173,7 +173,6 @@ class _Case:
     """One model of the comparison, built from its config, with its two passes."""
 
     def __init__(self, name: str, args: argparse.Namespace):
-        import torch
         from detectron2.utils.env import seed_all_rng
 
         from hiervl.engine.launcher import setup_cfg
@@ -189,16 +188,17 @@ class _Case:
         self.queries: Dict[str, set] = {"forward": set(), "train": set()}
         self._pass = "forward"
         self.meta.model.decoder.register_forward_hook(self._record_queries)
-        self._torch = torch
 
     def _record_queries(self, module, inputs, output) -> None:
         self.queries[self._pass].add(int(output["pred_logits"].shape[1]))
 
     def forward(self) -> None:
         """Inference: eval, whole image, no grad."""
+        import torch
+
         self._pass = "forward"
         self.meta.eval()
-        with self._torch.no_grad():
+        with torch.no_grad():
             self.meta([{k: self.sample[k] for k in ("image", "height", "width")}])
 
     def forward_backward(self) -> None:
@@ -278,7 +278,7 @@ def run_subprocess(args: argparse.Namespace, case: str) -> Dict[str, object]:
         command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.no_flops or case != "times":
         command.append("--no-flops")
-    env = dict(os.environ) if case == "times" else case_env()
+    env = case_env(memory=case != "times")
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"case {case} failed:\n{proc.stderr[-4000:]}")

@@ -164,7 +164,7 @@ def run_subprocess(args: argparse.Namespace, config: str, mode: str) -> Dict[str
         for flag in flags + ("threads", "measure"):
             value = measure if flag == "measure" else getattr(args, flag)
             command += [f"--{flag.replace('_', '-')}", str(value)]
-        env = case_env() if measure == "memory" else dict(os.environ)
+        env = case_env(memory=measure == "memory")
         proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"case {config}:{mode} ({measure}) failed:\n{proc.stderr[-4000:]}")

@@ -33,10 +33,12 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def case_env() -> Dict[str, str]:
-    """Environment of a case subprocess (see MMAP_THRESHOLD)."""
+def case_env(memory: bool) -> Dict[str, str]:
+    """Environment of a case subprocess: this one's, plus MMAP_THRESHOLD for a process that
+    measures memory (not for one that measures time: the threshold costs page faults)."""
     env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+    if memory:
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
     return env
 
 
