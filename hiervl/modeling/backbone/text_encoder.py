@@ -29,13 +29,9 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import TextTransformer
 from torch import nn
 
+from hiervl.modeling.backbone.class_names import clean_class_name
+
 __all__ = ["CLIPTextEncoder", "clean_class_name"]
-
-
-def clean_class_name(name: str) -> str:
-    """Dataset label -> words for a prompt: "traffic_light" -> "traffic light",
-    "tv/monitor" -> "tv or monitor", whitespace collapsed."""
-    return " ".join(name.replace("_", " ").replace("/", " or ").split())
 
 
 def _text_parts(model: nn.Module) -> Tuple[nn.Module, str]:
