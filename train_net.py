@@ -9,14 +9,27 @@
 
 ``--num-gpus N`` starts N processes per machine (NCCL on GPUs, Gloo on CPU);
 ``--num-machines``, ``--machine-rank`` and ``--dist-url`` span several machines.
+``--check-data`` checks the datasets of the config instead of training (the same check
+as ``python -m hiervl.data.check``; it writes ``OUTPUT_DIR/check.png``).
 """
+
+import sys
 
 from detectron2.engine import default_argument_parser, launch
 
+from hiervl.data.check import check_and_report
 from hiervl.engine.launcher import main
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--check-data",
+        action="store_true",
+        help="validate the config's datasets, print a summary, write check.png, and exit",
+    )
+    args = parser.parse_args()
+    if args.check_data:
+        sys.exit(check_and_report(args.config_file, args.opts, output=None))
     launch(
         main,
         args.num_gpus,

@@ -200,12 +200,28 @@ def _add_datasets(d: CN) -> None:
     d.CUSTOM = CN()
     d.CUSTOM.NAME = ""
     d.CUSTOM.ROOT = ""
+    # "parts": a folder per part (LABELED, UNLABELED, VAL below; unlabelled images need no
+    # masks). "single_folder": all images in IMAGE_DIR, masks in MASK_DIR, the parts from
+    # split files or fractions (benchmark replication).
+    d.CUSTOM.LAYOUT = "parts"
+    # Folders of the "parts" layout, relative to ROOT or absolute; nested sub-folders are
+    # scanned. VAL is optional: without its folder there is no periodic evaluation.
+    d.CUSTOM.LABELED = CN()
+    d.CUSTOM.LABELED.IMAGES = "labeled/images"
+    d.CUSTOM.LABELED.MASKS = "labeled/masks"
+    d.CUSTOM.UNLABELED = CN()
+    d.CUSTOM.UNLABELED.IMAGES = "unlabeled/images"
+    d.CUSTOM.VAL = CN()
+    d.CUSTOM.VAL.IMAGES = "val/images"
+    d.CUSTOM.VAL.MASKS = "val/masks"
+    # Folders of the "single_folder" layout (masks mirror the image tree).
     d.CUSTOM.IMAGE_DIR = "images"
     d.CUSTOM.MASK_DIR = "masks"
     # Class names: a list, or a path to a txt file with one name per line.
     d.CUSTOM.CLASSES = []
     d.CUSTOM.CLASSES_FILE = ""
-    # Optional split files (one image stem per line); else LABELED_FRACTION is used.
+    # single_folder: optional split files (one image per line: an id such as train/0001, a
+    # file name, or "image_path [label_path]" relative to ROOT); else the fractions.
     d.CUSTOM.LABELED_SPLIT = ""
     d.CUSTOM.VAL_SPLIT = ""
     d.CUSTOM.LABELED_FRACTION = 0.1

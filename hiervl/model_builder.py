@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from hiervl.modeling.backbone.clip import build_clip_towers
+from hiervl.modeling.backbone.clip_download import check_weights_source
 from hiervl.modeling.criterion import SetCriterion
 from hiervl.modeling.dual_query_decoder import DualQueryDecoder
 from hiervl.modeling.hiervl_model import HierVLModel
@@ -36,6 +37,12 @@ def _custom_clip_sizes(c) -> Optional[dict]:
         "text_heads": c.CUSTOM.TEXT_HEADS,
         "context_length": c.CUSTOM.CONTEXT_LENGTH,
     }
+
+
+def check_clip_weights(cfg) -> None:
+    """Raise a one-line ValueError when the CLIP weights of ``cfg`` cannot be had here (a
+    tag not cached and its host unreachable, a missing checkpoint file)."""
+    check_weights_source(cfg.MODEL.HIERVL.CLIP.MODEL_NAME, cfg.MODEL.HIERVL.CLIP.PRETRAINED)
 
 
 def build_hiervl_model(cfg, class_names: Sequence[str]) -> HierVLModel:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import tqdm
 
+from hiervl.demo.label_maps import LabelMapWriter
 from hiervl.demo.predictor import SemanticPrediction, SemanticPredictor
 from hiervl.demo.visualizer import SemanticVisualizer
 
@@ -95,12 +96,31 @@ def format_relevance(class_names: Sequence[str], relevance: torch.Tensor) -> str
     return "\n".join(f"  {class_names[k]:<{width}}  {relevance[k].item():.3f}" for k in order)
 
 
+def _images_below(folder: str) -> List[str]:
+    """Image files below ``folder`` (nested sub-folders too), sorted."""
+    found = []
+    for directory, subdirs, files in os.walk(folder):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        found += [
+            os.path.join(directory, name)
+            for name in sorted(files)
+            if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+        ]
+    return found
+
+
 def expand_inputs(patterns: Sequence[str]) -> Tuple[List[str], List[DemoFailure]]:
-    """Files named or matched by glob ``patterns`` (in order); patterns matching nothing fail."""
+    """Files named or matched by glob ``patterns``, and the images below named folders (in
+    order); patterns and folders matching nothing fail."""
     paths, failures = [], []
     for pattern in patterns:
         pattern = os.path.expanduser(pattern)
-        if glob.has_magic(pattern):
+        if os.path.isdir(pattern):
+            images = _images_below(pattern)
+            if not images:
+                failures.append(DemoFailure(pattern, "the folder holds no image"))
+            paths += images
+        elif glob.has_magic(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not matches:
                 failures.append(DemoFailure(pattern, "the pattern matches no file"))
@@ -196,9 +216,12 @@ def run_on_images(
     output: Optional[str],
     *,
     show_relevance: bool = False,
+    save_masks: Optional[LabelMapWriter] = None,
 ) -> ImagesReport:
-    """Segment every image; write to ``output`` (file or folder) or show in a window."""
-    if not output:
+    """Segment every image; write to ``output`` (file or folder) or show in a window (not
+    when only label maps are saved: ``save_masks``)."""
+    show = not output and save_masks is None
+    if show:
         check_display()
     report = ImagesReport()
     destinations = image_output_paths(paths, output) if output else [None] * len(paths)
@@ -215,6 +238,8 @@ def run_on_images(
                     os.makedirs(folder, exist_ok=True)
                 if not cv2.imwrite(destination, overlay):
                     raise ValueError(f"cannot write {destination!r}")
+            if save_masks is not None:
+                save_masks.write(path, prediction.labels, image.shape[:2], overlay)
         except (ValueError, cv2.error) as e:
             logger.error("%s: %s", path, e)
             report.failures.append(DemoFailure(path, str(e)))
@@ -237,7 +262,7 @@ def run_on_images(
                 format_relevance(prediction.class_names, result.relevance),
             )
         report.results.append(result)
-        if destination is None and _show(overlay, 0) == ESC_KEY:
+        if show and _show(overlay, 0) == ESC_KEY:
             break
     return report
 
@@ -265,16 +290,24 @@ def video_output_path(video: str, output: str) -> str:
     return output
 
 
-def run_on_video(demo: SegmentationDemo, video: str, output: Optional[str]) -> int:
+def run_on_video(
+    demo: SegmentationDemo,
+    video: str,
+    output: Optional[str],
+    *,
+    save_masks: Optional[LabelMapWriter] = None,
+) -> int:
     """Overlay every frame of ``video``; write a video with the same frame rate and size
-    (or show it). Returns the number of frames processed; ValueError naming the file when
-    it cannot be opened, decoded or written."""
+    (or show it, unless only label maps are saved: ``save_masks``, one per frame). Returns
+    the number of frames processed; ValueError naming the file when it cannot be opened,
+    decoded or written."""
     if not os.path.isfile(video):
         raise ValueError(f"cannot read video {video!r}: no such file")
     destination = video_output_path(video, output) if output else None
     if destination is not None and os.path.abspath(destination) == os.path.abspath(video):
         raise ValueError(f"--output {output!r} would overwrite the input video {video!r}")
-    if destination is None:
+    show = destination is None and save_masks is None
+    if show:
         check_display()
     capture = cv2.VideoCapture(video)
     if not capture.isOpened():
@@ -303,11 +336,13 @@ def run_on_video(demo: SegmentationDemo, video: str, output: Optional[str]) -> i
                     f"cannot read video {video!r}: frame {count} is {frame.shape[1]}x"
                     f"{frame.shape[0]}, the video announces {width}x{height}"
                 )
-            _, overlay = demo(frame)
+            prediction, overlay = demo(frame)
+            if save_masks is not None:
+                save_masks.write_frame(video, count, prediction.labels, overlay)
             count += 1
             if writer is not None:
                 writer.write(overlay)
-            elif _show(overlay, 1) == ESC_KEY:
+            elif show and _show(overlay, 1) == ESC_KEY:
                 break
     finally:
         capture.release()

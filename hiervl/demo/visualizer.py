@@ -9,21 +9,23 @@ has a dark outline so it reads on any colour.
 
 from __future__ import annotations
 
-import colorsys
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
+from hiervl.data.datasets.palettes import generated_palette
 from hiervl.demo.predictor import UNLABELED
 
-__all__ = ["LegendEntry", "SemanticVisualizer", "class_colors", "legend_entries"]
+__all__ = [
+    "DatasetPalette",
+    "LegendEntry",
+    "SemanticVisualizer",
+    "class_colors",
+    "legend_entries",
+]
 
-# Hues spaced by the golden ratio stay distinct for any number of classes.
-GOLDEN_RATIO_CONJUGATE = 0.618033988749895
-PALETTE_SATURATION = 0.75
-PALETTE_VALUE = 0.95
 UNLABELED_NAME = "unlabelled"
 UNLABELED_COLOR_BGR = (128, 128, 128)
 
@@ -44,13 +46,36 @@ LEGEND_MAX_HEIGHT_FRACTION = 0.5
 
 
 def class_colors(num_classes: int) -> np.ndarray:
-    """(K,3) uint8 BGR colours, deterministic and distinct (golden-ratio hues)."""
-    colors = np.zeros((num_classes, 3), dtype=np.uint8)
-    for k in range(num_classes):
-        hue = (k * GOLDEN_RATIO_CONJUGATE) % 1.0
-        r, g, b = colorsys.hsv_to_rgb(hue, PALETTE_SATURATION, PALETTE_VALUE)
-        colors[k] = (round(b * 255), round(g * 255), round(r * 255))
-    return colors
+    """(K,3) uint8 BGR colours, deterministic and distinct (golden-ratio hues): the colours
+    of a vocabulary that has no dataset palette."""
+    colors = np.asarray(generated_palette(num_classes), dtype=np.uint8).reshape(-1, 3)
+    return np.ascontiguousarray(colors[:, ::-1])
+
+
+@dataclass(frozen=True)
+class DatasetPalette:
+    """A dataset's colours for its class list (``stuff_colors`` metadata, RGB)."""
+
+    class_names: Tuple[str, ...]
+    colors_rgb: Tuple[Tuple[int, int, int], ...]
+
+    @classmethod
+    def from_metadata(cls, metadata) -> Optional[DatasetPalette]:
+        """From detectron2 metadata with ``stuff_classes`` and ``stuff_colors`` (None
+        when it has no colours)."""
+        names = metadata.get("stuff_classes", None)
+        colors = metadata.get("stuff_colors", None)
+        if not names or not colors:
+            return None
+        if len(colors) != len(names):
+            raise ValueError(f"{len(colors)} stuff_colors for {len(names)} stuff_classes")
+        return cls(tuple(names), tuple(tuple(int(v) for v in c) for c in colors))
+
+    def colors_for(self, class_names: Sequence[str]) -> Optional[np.ndarray]:
+        """(K,3) uint8 BGR when ``class_names`` is this palette's class list, else None."""
+        if tuple(class_names) != self.class_names:
+            return None
+        return np.asarray(self.colors_rgb, dtype=np.uint8)[:, ::-1].copy()
 
 
 @dataclass
@@ -81,7 +106,9 @@ class LegendEntry:
     fraction: float
 
 
-def legend_entries(labels: np.ndarray, class_names: Sequence[str]) -> List[LegendEntry]:
+def legend_entries(
+    labels: np.ndarray, class_names: Sequence[str], unlabeled_name: str = UNLABELED_NAME
+) -> List[LegendEntry]:
     """Classes present in ``labels`` (H,W), largest area first; unlabelled pixels last."""
     total = labels.size
     indices, counts = np.unique(labels, return_counts=True)
@@ -95,7 +122,7 @@ def legend_entries(labels: np.ndarray, class_names: Sequence[str]) -> List[Legen
     entries.sort(key=lambda e: (-e.fraction, e.index))
     unlabeled = int((labels == UNLABELED).sum())
     if unlabeled:
-        entries.append(LegendEntry(UNLABELED, UNLABELED_NAME, unlabeled / total))
+        entries.append(LegendEntry(UNLABELED, unlabeled_name, unlabeled / total))
     return entries
 
 
@@ -108,18 +135,30 @@ class SemanticVisualizer:
         alpha: float = 0.5,
         draw_names: bool = True,
         draw_legend: bool = True,
+        palette: Optional[DatasetPalette] = None,
+        unlabeled_name: str = UNLABELED_NAME,
     ):
         """
         Args:
             alpha: opacity of the class colours, in [0, 1] (0 = image only).
             draw_names: write class names on the larger regions.
             draw_legend: legend of the classes present (top-left corner).
+            palette: the dataset's colours, used whenever the class list is the
+                dataset's; other vocabularies get :func:`class_colors`.
+            unlabeled_name: legend name of ``UNLABELED`` pixels.
         """
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
         self.alpha = float(alpha)
         self.draw_names = draw_names
         self.draw_legend = draw_legend
+        self.palette = palette
+        self.unlabeled_name = unlabeled_name
+
+    def colors_for(self, class_names: Sequence[str]) -> np.ndarray:
+        """(K,3) uint8 BGR: the palette's when it is for these classes, else generated."""
+        colors = self.palette.colors_for(class_names) if self.palette is not None else None
+        return colors if colors is not None else class_colors(len(class_names))
 
     def draw(
         self,
@@ -133,7 +172,7 @@ class SemanticVisualizer:
             image: (H,W,3) uint8 BGR.
             labels: (H,W) int class indices, ``UNLABELED`` (-1) where nothing is shown.
             class_names: the K names.
-            colors: (K,3) uint8 BGR; default :func:`class_colors`.
+            colors: (K,3) uint8 BGR; default :meth:`colors_for`.
 
         Returns:
             (H,W,3) uint8 BGR, the same size as ``image``.
@@ -141,13 +180,13 @@ class SemanticVisualizer:
         if image.shape[:2] != labels.shape:
             raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
         if colors is None:
-            colors = class_colors(len(class_names))
+            colors = self.colors_for(class_names)
         labelled = labels != UNLABELED
         color_map = image.copy()
         color_map[labelled] = colors[labels[labelled]]
         out = cv2.addWeighted(color_map, self.alpha, image, 1.0 - self.alpha, 0.0)
         font = self._font(image.shape[:2])
-        entries = legend_entries(labels, class_names)
+        entries = legend_entries(labels, class_names, self.unlabeled_name)
         legend = self._legend_layout(entries, image.shape[:2], font) if self.draw_legend else None
         if self.draw_names:
             corner = (legend.width, legend.height) if legend is not None else (0, 0)

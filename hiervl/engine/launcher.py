@@ -11,9 +11,10 @@ from detectron2.utils.logger import setup_logger
 
 from hiervl.config import add_hiervl_config
 from hiervl.data.datasets import register_all
-from hiervl.data.datasets.custom import register_custom_from_cfg
+from hiervl.data.datasets.custom import drop_absent_val, register_custom_from_cfg
 from hiervl.engine.checkpoint import HierVLCheckpointer
 from hiervl.engine.trainer import HierVLTrainer
+from hiervl.model_builder import check_clip_weights
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +32,17 @@ def setup_cfg(config_file: str, opts=None, *, args=None):
         cfg.MODEL.DEVICE = "cpu"
     register_all()
     register_custom_from_cfg(cfg)
+    no_val = drop_absent_val(cfg)
     cfg.freeze()
     if args is not None:
+        # Before the log fills with the config: an offline PRETRAINED tag fails in one line.
+        check_clip_weights(cfg)
         default_setup(cfg, args)
         # default_setup configures the "detectron2" and "fvcore" loggers only: without this
         # the project's own INFO messages (data streams, resume, skipped steps) are lost.
         setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="hiervl")
+    if no_val:
+        logger.info(no_val)
     return cfg
 
 

@@ -1,6 +1,8 @@
-"""Custom folder datasets: registration from the config / CLI opts, parts, validation."""
+"""Custom datasets, single-folder layout (benchmark replication): registration from the
+config / CLI opts, split files and fractions, nested trees, validation."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -30,6 +32,8 @@ def cfg_for(root, *opts):
         [
             "DATASETS.CUSTOM.NAME",
             "mycells",
+            "DATASETS.CUSTOM.LAYOUT",
+            "single_folder",
             "DATASETS.CUSTOM.ROOT",
             str(root),
             "DATASETS.CUSTOM.CLASSES",
@@ -84,6 +88,8 @@ def test_split_files_and_class_file(tmp_path):
         [
             "DATASETS.CUSTOM.NAME",
             "c2",
+            "DATASETS.CUSTOM.LAYOUT",
+            "single_folder",
             "DATASETS.CUSTOM.ROOT",
             str(tmp_path),
             "DATASETS.CUSTOM.CLASSES_FILE",
@@ -110,7 +116,10 @@ def test_no_custom_dataset_is_a_no_op():
     [
         (["DATASETS.CUSTOM.ROOT", ""], "DATASETS.CUSTOM.ROOT is empty"),
         (["DATASETS.CUSTOM.CLASSES_FILE", "c.txt"], "exactly one of"),
-        (["DATASETS.CUSTOM.CLASSES", ["a", "a"]], "distinct class names"),
+        (["DATASETS.CUSTOM.CLASSES", ["a", "a"]], "same text query"),
+        (["DATASETS.CUSTOM.CLASSES", ["Cell", "cell "]], r"#0 'Cell' and #1 'cell '"),
+        (["DATASETS.CUSTOM.CLASSES", [f"c{i}" for i in range(256)]], "at most 255 classes"),
+        (["DATASETS.CUSTOM.LAYOUT", "flat"], "LAYOUT 'flat' must be one of"),
         (["DATASETS.CUSTOM.LABELED_FRACTION", 0.0], "LABELED_FRACTION 0.0"),
         (["DATASETS.CUSTOM.VAL_FRACTION", 1.0], "VAL_FRACTION 1.0"),
         (["DATASETS.CUSTOM.NAME", "my cells"], "whitespace"),
@@ -163,10 +172,10 @@ def break_folder(root, problem):
 @pytest.mark.parametrize(
     "problem, message",
     [
-        ("unreadable image", "unreadable image"),
-        ("no mask", "no mask"),
-        ("mask size", f"mask is {WIDTH}x{HEIGHT + 1}, image .* is {WIDTH}x{HEIGHT}"),
-        ("label value", r"label values \[3, 254\] >= K=3 and not 255"),
+        ("unreadable image", "cannot read image .*: not an image"),
+        ("no mask", "has no mask"),
+        ("mask size", f"is {WIDTH}x{HEIGHT} .* but its mask .* is {WIDTH}x{HEIGHT + 1}"),
+        ("label value", r"has values \[3, 254\] but DATASETS.CUSTOM.CLASSES lists K=3"),
         ("rgb mask", "single-channel"),
     ],
 )
@@ -174,10 +183,16 @@ def test_bad_folder(tmp_path, problem, message):
     make_folder(str(tmp_path))
     path = break_folder(str(tmp_path), problem)
     custom.register_custom_from_cfg(cfg_for(tmp_path))
-    with pytest.raises(ValueError, match=message) as info:
-        DatasetCatalog.get("mycells_train")
+    # Each part is validated when loaded: the broken file is in exactly one of the two.
+    errors = []
+    for part in ("train", "val"):
+        try:
+            DatasetCatalog.get(f"mycells_{part}")
+        except ValueError as e:
+            errors.append(str(e))
+    assert len(errors) == 1 and re.search(message, errors[0]), errors
     named = path if problem != "no mask" else os.path.join(str(tmp_path), "images", "img04.jpg")
-    assert named in str(info.value)
+    assert named in errors[0]
 
 
 def test_bad_split_files(tmp_path):
@@ -198,4 +213,34 @@ def test_bad_split_files(tmp_path):
         )
     )
     with pytest.raises(ValueError, match=r"lab.txt: images also in the val part: \['img00'\]"):
+        DatasetCatalog.get("mycells_train_labeled")
+
+
+def test_nested_train_val_tree_with_split_files(tmp_path):
+    """An existing images/{train,val} + masks/{train,val} tree works as it is, no
+    flattening: ids are the paths below images/, masks mirror them."""
+    for split, stems in (("train", STEMS[:6]), ("val", STEMS[6:8])):
+        for k, stem in enumerate(stems):
+            write_image(str(tmp_path / "images" / split / f"{stem}.jpg"), seed=k)
+            write_label(
+                str(tmp_path / "masks" / split / f"{stem}.png"),
+                np.full((HEIGHT, WIDTH), k % 3, np.uint8),
+            )
+    (tmp_path / "labeled.txt").write_text(
+        "train/img00\nimages/train/img01.jpg masks/train/img01.png\nimg02\n"
+    )
+    (tmp_path / "val.txt").write_text(f"{tmp_path}/images/val/img06.jpg\nval/img07.jpg\n")
+    opts = ["DATASETS.CUSTOM.LABELED_SPLIT", "labeled.txt", "DATASETS.CUSTOM.VAL_SPLIT", "val.txt"]
+    custom.register_custom_from_cfg(cfg_for(tmp_path, *opts))
+    assert ids("mycells_train_labeled") == ["train/img00", "train/img01", "train/img02"]
+    assert ids("mycells_train_unlabeled") == ["train/img03", "train/img04", "train/img05"]
+    assert ids("mycells_val") == ["val/img06", "val/img07"]
+    record = DatasetCatalog.get("mycells_val")[1]
+    assert record["file_name"] == str(tmp_path / "images" / "val" / "img07.jpg")
+    assert record["sem_seg_file_name"] == str(tmp_path / "masks" / "val" / "img07.png")
+    # A bare stem that two sub-folders share is ambiguous: refused, naming the file.
+    write_image(str(tmp_path / "images" / "val" / "img02.jpg"))
+    write_label(str(tmp_path / "masks" / "val" / "img02.png"), np.zeros((HEIGHT, WIDTH), np.uint8))
+    custom.register_custom_from_cfg(cfg_for(tmp_path, *opts))
+    with pytest.raises(ValueError, match=r"labeled.txt: 1 entries name no image.*'img02'"):
         DatasetCatalog.get("mycells_train_labeled")

@@ -268,6 +268,32 @@ def test_video_keeps_frame_count_size_and_rate(demo, tmp_path, fourcc, suffix):
     assert _video_props(str(tmp_path / "out" / f"clip{suffix}")) == (5, 64, 48, 7.0)
 
 
+def test_label_maps_of_video_frames_and_images_need_no_display(demo, tmp_path, monkeypatch):
+    from hiervl.data.image_io import read_mask
+    from hiervl.demo.label_maps import LabelMapWriter
+
+    monkeypatch.setattr(runner, "check_display", lambda *a: pytest.fail("window opened"))
+    monkeypatch.setattr(runner, "_show", lambda *a: pytest.fail("window opened"))
+    frames = [_image(48, 64, seed=i) for i in range(3)]
+    video = str(tmp_path / "clip.avi")
+    _write_video(video, "MJPG", frames, fps=5)
+    writer = LabelMapWriter(str(tmp_path / "maps"), num_classes=len(TRAINED_CLASSES))
+    assert run_on_video(demo, video, None, save_masks=writer) == 3
+    assert sorted(os.listdir(tmp_path / "maps" / "clip")) == [
+        "000000.png",
+        "000001.png",
+        "000002.png",
+    ]
+    assert read_mask(str(tmp_path / "maps" / "clip" / "000002.png")).shape == (48, 64)
+    photo = str(tmp_path / "in" / "p.png")
+    os.makedirs(os.path.dirname(photo))
+    cv2.imwrite(photo, _image(30, 50, seed=9))
+    writer = LabelMapWriter(str(tmp_path / "maps2"), num_classes=6, inputs=[photo])
+    report = run_on_images(demo, [photo], None, save_masks=writer)
+    mask = read_mask(str(tmp_path / "maps2" / "p.png"))
+    np.testing.assert_array_equal(mask, report.results[0].prediction.labels)
+
+
 def test_unreadable_video_gives_a_clear_error(demo, tmp_path):
     broken = tmp_path / "broken.mp4"
     broken.write_text("not a video")

@@ -63,3 +63,28 @@ def test_legend_stays_in_the_top_half_and_skips_tiny_images():
     np.testing.assert_array_equal(
         legend_only.draw(tiny, tiny_labels, names[:3]), bare.draw(tiny, tiny_labels, names[:3])
     )
+
+
+def test_dataset_palette_is_used_for_its_own_classes_only():
+    from types import SimpleNamespace
+
+    from hiervl.demo.visualizer import DatasetPalette
+
+    class Meta(SimpleNamespace):
+        def get(self, key, default=None):
+            return getattr(self, key, default)
+
+    meta = Meta(stuff_classes=["road", "sky"], stuff_colors=[[128, 64, 128], [70, 130, 180]])
+    palette = DatasetPalette.from_metadata(meta)
+    image = np.zeros((4, 6, 3), dtype=np.uint8)
+    labels = np.zeros((4, 6), dtype=np.int64)
+    labels[:, 3:] = 1
+    drawer = SemanticVisualizer(alpha=1.0, draw_names=False, draw_legend=False, palette=palette)
+    out = drawer.draw(image, labels, ["road", "sky"])
+    assert out[0, 0].tolist() == [128, 64, 128][::-1] and out[0, 5].tolist() == [180, 130, 70]
+    # Another vocabulary (open vocabulary, --vocabulary): generated colours.
+    other = drawer.draw(image, labels, ["cat", "dog"])
+    assert other[0, 0].tolist() == class_colors(2)[0].tolist()
+    assert DatasetPalette.from_metadata(Meta(stuff_classes=["a"])) is None
+    with pytest.raises(ValueError, match="2 stuff_colors for 1 stuff_classes"):
+        DatasetPalette.from_metadata(Meta(stuff_classes=["a"], stuff_colors=[[0, 0, 0]] * 2))

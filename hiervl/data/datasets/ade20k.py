@@ -24,6 +24,7 @@ import numpy as np
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 from PIL import Image
 
+from hiervl.data.datasets import palettes
 from hiervl.data.datasets.common import (
     IGNORE_LABEL,
     Benchmark,
@@ -80,6 +81,7 @@ BENCHMARK = Benchmark(
     list_images=list_images,
     label_file=label_file,
     image_id=image_id,
+    colors=palettes.ADE20K,
 )
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from detectron2.data.datasets.builtin_meta import CITYSCAPES_CATEGORIES
 from PIL import Image
 
+from hiervl.data.datasets import palettes
 from hiervl.data.datasets.common import (
     IGNORE_LABEL,
     Benchmark,
@@ -86,6 +87,7 @@ BENCHMARK = Benchmark(
     list_images=list_images,
     label_file=label_file,
     image_id=image_id,
+    colors=palettes.CITYSCAPES,
 )
 
 

@@ -26,6 +26,7 @@ from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from hiervl.data.datasets import palettes
 from hiervl.data.datasets.common import Benchmark, list_files, parallel_map
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ BENCHMARK = Benchmark(
     list_images=list_images,
     label_file=label_file,
     image_id=image_id,
+    colors=palettes.COCO,
 )
 
 

@@ -56,6 +56,7 @@ class Benchmark:
             dataset root, sorted. Raises DatasetNotFoundError when they cannot be listed.
         label_file: ``(dataset_root, image_path) -> absolute label path``.
         image_id: ``image_path -> id`` (unique within the benchmark).
+        colors: the official palette, RGB per class (``stuff_colors`` metadata).
     """
 
     key: str
@@ -69,6 +70,10 @@ class Benchmark:
     list_images: Callable[[str, str], List[str]]
     label_file: Callable[[str, str], str]
     image_id: Callable[[str], str]
+    colors: Sequence[Sequence[int]] = ()
+
+    def __post_init__(self):
+        assert not self.colors or len(self.colors) == len(self.classes), f"{self.key} palette"
 
     def dataset_root(self, root: str) -> str:
         return os.path.join(root, self.dir_name)
@@ -196,6 +201,8 @@ def register_benchmark(bench: Benchmark, root: str) -> List[str]:
         "image_root": os.path.join(droot, bench.image_root),
         "sem_seg_root": os.path.join(droot, bench.sem_seg_root),
     }
+    if bench.colors:
+        metadata["stuff_colors"] = [list(c) for c in bench.colors]
     parts: Dict[str, Tuple[Callable[[], List[Dict]], Dict[str, Any]]] = {
         bench.train_name: (lambda: load_part(bench, root, "train"), {}),
         f"{bench.key}_val": (lambda: load_part(bench, root, "val"), {}),

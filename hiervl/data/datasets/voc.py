@@ -18,6 +18,7 @@ import logging
 import os
 from typing import List, Tuple
 
+from hiervl.data.datasets import palettes
 from hiervl.data.datasets.common import Benchmark, DatasetNotFoundError, list_files, require_dir
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ BENCHMARK = Benchmark(
     list_images=list_images,
     label_file=label_file,
     image_id=image_id,
+    colors=palettes.VOC,
 )
 
 

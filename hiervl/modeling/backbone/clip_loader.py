@@ -23,6 +23,8 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
+from .clip_download import require_tag_weights
+
 __all__ = ["CUSTOM_KEYS", "build_clip", "custom_clip_config", "load_clip_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -214,6 +216,8 @@ def _build_named(model_name: str, pretrained: str) -> Tuple[nn.Module, Optional[
         return _create(model_name, None, quick_gelu=False), None
     tag = open_clip.get_pretrained_cfg(model_name, pretrained)
     if tag:
+        # Offline, open_clip would fail after long download retries: say so at once.
+        require_tag_weights(model_name, pretrained)
         # open_clip only warns when a QuickGELU-trained tag (OpenAI's) meets a GELU config.
         return _create(model_name, pretrained, quick_gelu=bool(tag.get("quick_gelu"))), None
     tags = open_clip.list_pretrained_tags_by_model(model_name)

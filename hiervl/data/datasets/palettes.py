@@ -1,0 +1,87 @@
+"""Class colours (RGB) of each dataset: the official palettes users know from the
+benchmarks' own tools and papers, and generated colours for custom datasets.
+
+Every registration puts its palette in the metadata as ``stuff_colors`` (K lists of three
+ints, RGB, index-aligned with ``stuff_classes``); the demo's visualiser and the dataset
+check draw with it.
+
+* VOC: the PASCAL VOC devkit colour map (bits of the class index spread over the high
+  bits of R, G and B), the colours of ``SegmentationClass`` PNGs;
+* Cityscapes: the colours of the official ``labels.py`` (as detectron2 ships them);
+* ADE20K: the SceneParsing benchmark's ``color150`` palette;
+* COCO: detectron2's colours of the 80 thing classes, black for background;
+* custom datasets: golden-ratio hues, distinct for any number of classes.
+"""
+
+import colorsys
+from typing import List
+
+from detectron2.data.datasets.builtin_meta import CITYSCAPES_CATEGORIES, COCO_CATEGORIES
+
+__all__ = ["ADE20K", "CITYSCAPES", "COCO", "VOC", "generated_palette", "voc_palette"]
+
+Palette = List[List[int]]
+
+# Golden-ratio hue steps keep consecutive classes far apart on the colour wheel.
+_GOLDEN_RATIO_CONJUGATE = 0.618033988749895
+_SATURATION = 0.75
+_VALUE = 0.95
+_VOC_BITS = 8
+_COCO_BACKGROUND = [0, 0, 0]
+
+# The ADE20K SceneParsing palette (color150), class k = entry k, RRGGBB.
+_ADE20K_HEX = " ".join(
+    (
+        "787878 b47878 06e6e6 503232 04c803 787850 8c8c8c cc05ff e6e6e6 04fa07",
+        "e005ff ebff07 96053d 787846 08ff33 ff0652 8fff8c ccff04 ff3307 cc4603",
+        "0066c8 3de6fa ff0633 0b66ff ff0747 ff09e0 0907e6 dcdcdc ff095c 7009ff",
+        "08ffd6 07ffe0 ffb806 0aff47 ff290a 07ffff e0ff08 6608ff ff3d06 ffc207",
+        "ff7a08 00ff14 ff0829 ff0599 0633ff eb0cff a09614 00a3ff 8c8c8c fa0a0f",
+        "14ff00 1fff00 ff1f00 ffe000 99ff00 0000ff ff4700 00ebff 00adff 1f00ff",
+        "0bc8c8 ff5200 00fff5 003dff 00ff70 00ff85 ff0000 ffa300 ff6600 c2ff00",
+        "008fff 33ff00 0052ff 00ff29 00ffad 0a00ff adff00 00ff99 ff5c00 ff00ff",
+        "ff00f5 ff0066 ffad00 ff0014 ffb8b8 001fff 00ff3d 0047ff ff00cc 00ffc2",
+        "00ff52 000aff 0070ff 3300ff 00c2ff 007aff 00ffa3 ff9900 00ff0a ff7000",
+        "8fff00 5200ff a3ff00 ffeb00 08b8aa 8500ff 00ff5c b800ff ff001f 00b8ff",
+        "00d6ff ff0070 5cff00 00e0ff 70e0ff 46b8a0 a300ff 9900ff 47ff00 ff00a3",
+        "ffcc00 ff008f 00ffeb 85ff00 ff00eb f500ff ff007a fff500 0abed4 d6ff00",
+        "00ccff 1400ff ffff00 0099ff 0029ff 00ffcc 2900ff 29ff00 ad00ff 00f5ff",
+        "4700ff 7a00ff 00ffb8 005cff b8ff00 0085ff ffd600 19c2c2 66ff00 5c00ff",
+    )
+)
+
+
+def _from_hex(text: str) -> Palette:
+    return [[int(code[i : i + 2], 16) for i in (0, 2, 4)] for code in text.split()]
+
+
+def voc_palette(num_classes: int) -> Palette:
+    """The PASCAL VOC colour map: bit 3j+c of the class index is bit 7-j of channel c."""
+    palette = []
+    for index in range(num_classes):
+        color, value = [0, 0, 0], index
+        for j in range(_VOC_BITS):
+            for channel in range(3):
+                color[channel] |= ((value >> channel) & 1) << (_VOC_BITS - 1 - j)
+            value >>= 3
+        palette.append(color)
+    return palette
+
+
+def generated_palette(num_classes: int) -> Palette:
+    """Deterministic distinct colours for any class list (custom datasets)."""
+    palette = []
+    for k in range(num_classes):
+        hue = (k * _GOLDEN_RATIO_CONJUGATE) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(hue, _SATURATION, _VALUE)
+        palette.append([round(r * 255), round(g * 255), round(b * 255)])
+    return palette
+
+
+VOC: Palette = voc_palette(21)
+CITYSCAPES: Palette = [
+    list(c["color"]) for c in sorted(CITYSCAPES_CATEGORIES, key=lambda c: c["trainId"])
+]
+ADE20K: Palette = _from_hex(_ADE20K_HEX)
+COCO: Palette = [_COCO_BACKGROUND] + [list(c["color"]) for c in COCO_CATEGORIES if c["isthing"]]
+assert len(ADE20K) == 150 and len(CITYSCAPES) == 19 and len(COCO) == 81, "palette sizes"
