@@ -25,7 +25,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
-from hiervl.demo.visualizer import SemanticVisualizer
+from hiervl.demo.visualizer import DatasetPalette, SemanticVisualizer
 from hiervl.engine.checkpoint import atomic_write_text
 from hiervl.engine.launcher import setup_cfg
 from hiervl.engine.trainer import HierVLTrainer, json_safe
@@ -84,8 +84,10 @@ def majority_baseline(labeled_name: str, val_name: str, num_classes: int) -> Dic
 
 def demo_picture(model, cfg, val_name: str, path: str, count: int = DEMO_IMAGES) -> str:
     """Rows of input | prediction | ground truth for the first ``count`` validation images."""
-    names = MetadataCatalog.get(val_name).stuff_classes
-    visualizer = SemanticVisualizer(alpha=0.6, draw_legend=False)
+    metadata = MetadataCatalog.get(val_name)
+    names = metadata.stuff_classes
+    palette = DatasetPalette.from_metadata(metadata)
+    visualizer = SemanticVisualizer(alpha=0.6, draw_legend=False, palette=palette)
     rows = []
     model.eval()
     for record in DatasetCatalog.get(val_name)[:count]:

@@ -24,8 +24,13 @@ from typing import List, Optional, Sequence, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
+from hiervl.data.check_sheet import write_check_sheet
 from hiervl.data.datasets import custom
 from hiervl.data.validation import IGNORE_LABEL, PartReport, Sample, validate_samples
+from hiervl.demo.visualizer import DatasetPalette
+from hiervl.engine.launcher import setup_cfg
+from hiervl.meta_arch import vocabulary_from_cfg
+from hiervl.model_builder import check_clip_weights
 
 logger = logging.getLogger("hiervl.data.check")
 
@@ -107,11 +112,22 @@ def check_part(name: str, role: str, spec: Optional[custom.CustomSpec]) -> PartR
     return report
 
 
+def _note_overlap(result: CheckResult) -> None:
+    """Images named alike in the labelled and unlabelled parts (e.g. pseudo-labelled
+    photos copied to the labelled part but left in the unlabelled one): a note, since
+    training on them twice is allowed."""
+    labelled = {r.sample.id for p in result.parts("labelled") for r in p.results}
+    both = sorted({r.sample.id for p in result.parts("unlabelled") for r in p.results} & labelled)
+    if both:
+        shown = ", ".join(both[:5]) + (", ..." if len(both) > 5 else "")
+        result.notes.append(
+            f"{len(both)} images have the same name in the labelled and the unlabelled "
+            f"part ({shown}): remove them from the unlabelled part if they are the same photos"
+        )
+
+
 def run_check(cfg) -> CheckResult:
     """The whole check of a (frozen, datasets registered) config."""
-    from hiervl.meta_arch import vocabulary_from_cfg
-    from hiervl.model_builder import check_clip_weights
-
     try:
         classes = vocabulary_from_cfg(cfg)
     except ValueError as e:
@@ -129,6 +145,7 @@ def run_check(cfg) -> CheckResult:
         report = check_part(name, role, spec)
         result.reports.append((role, report))
         result.problems += report.problems
+    _note_overlap(result)
     if cfg.MODEL.META_ARCHITECTURE == "HierVL":
         try:
             check_clip_weights(cfg)
@@ -200,10 +217,6 @@ def format_report(result: CheckResult, title: str) -> str:
 def check_and_report(config_file: str, opts: Sequence[str], output: Optional[str]) -> int:
     """Run the check of ``config_file`` + ``opts``, print the report, write the picture
     (``output``, default ``OUTPUT_DIR/check.png``); returns the exit status."""
-    from hiervl.data.check_sheet import write_check_sheet
-    from hiervl.demo.visualizer import DatasetPalette
-    from hiervl.engine.launcher import setup_cfg
-
     try:
         cfg = setup_cfg(config_file, list(opts))
     except (ValueError, OSError) as e:

@@ -91,9 +91,23 @@ def test_problems_are_listed_by_file_and_exit_non_zero(tree, capsys):
     assert status == 1
     assert "PROBLEMS (2), training would stop:" in out
     assert f"cannot read image {broken}" in out and f"mask {orphan} has no image" in out
+    assert "note:" not in out
     # The good files are still counted and drawn.
     assert re.search(r"unlabelled\s+custom_train_unlabeled\s+5\s", out)
     assert os.path.isfile(os.path.join(tree, "out", "check.png"))
+
+
+def test_photos_in_both_parts_are_noted(tree, capsys):
+    import shutil
+
+    shutil.copy(
+        os.path.join(tree, "labeled/images/lab001.jpg"), os.path.join(tree, "unlabeled/images")
+    )
+    assert check.main(["--config-file", CONFIG, *opts(tree)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "note: 1 images have the same name in the labelled and the unlabelled part (lab001)" in out
+    )
 
 
 def test_missing_part_and_bad_class_file(tree, capsys):

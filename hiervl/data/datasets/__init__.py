@@ -12,10 +12,12 @@ Names (n = the labelled-image counts of DESIGN.md §4)::
     ade20k_train  ade20k_val  ade20k_train_{labeled,unlabeled}_<n>
     cityscapes_train  cityscapes_val  cityscapes_train_{labeled,unlabeled}_<n>
     synthetic_*  (see synthetic.py)
+    <DATASETS.CUSTOM.NAME>_{train_labeled,train_unlabeled,val,train}  (custom.py; "custom_*"
+        in configs/custom/)
 
-Metadata of every part: ``stuff_classes``, ``ignore_label`` (255), ``evaluator_type``
-("sem_seg"), ``dataset_root``, ``image_root``, ``sem_seg_root``; split parts add
-``split_dir`` and ``labeled_count``.
+Metadata of every part: ``stuff_classes``, ``stuff_colors`` (RGB, palettes.py),
+``ignore_label`` (255), ``evaluator_type`` ("sem_seg"), ``dataset_root``, ``image_root``,
+``sem_seg_root``; split parts add ``split_dir`` and ``labeled_count``.
 """
 
 import os
