@@ -274,17 +274,13 @@ def test_label_maps_of_video_frames_and_images_need_no_display(demo, tmp_path, m
 
     monkeypatch.setattr(runner, "check_display", lambda *a: pytest.fail("window opened"))
     monkeypatch.setattr(runner, "_show", lambda *a: pytest.fail("window opened"))
-    frames = [_image(48, 64, seed=i) for i in range(3)]
+    frames = [_image(48, 64, seed=i) for i in range(2)]
     video = str(tmp_path / "clip.avi")
     _write_video(video, "MJPG", frames, fps=5)
     writer = LabelMapWriter(str(tmp_path / "maps"), num_classes=len(TRAINED_CLASSES))
-    assert run_on_video(demo, video, None, save_masks=writer) == 3
-    assert sorted(os.listdir(tmp_path / "maps" / "clip")) == [
-        "000000.png",
-        "000001.png",
-        "000002.png",
-    ]
-    assert read_mask(str(tmp_path / "maps" / "clip" / "000002.png")).shape == (48, 64)
+    assert run_on_video(demo, video, None, save_masks=writer) == 2
+    assert sorted(os.listdir(tmp_path / "maps" / "clip")) == ["000000.png", "000001.png"]
+    assert read_mask(str(tmp_path / "maps" / "clip" / "000001.png")).shape == (48, 64)
     photo = str(tmp_path / "in" / "p.png")
     os.makedirs(os.path.dirname(photo))
     cv2.imwrite(photo, _image(30, 50, seed=9))
