@@ -22,7 +22,7 @@ from typing import Dict, Optional, Sequence
 import cv2
 import numpy as np
 
-from hiervl.demo.predictor import UNLABELED
+from hiervl.demo.visualizer import UNLABELED
 
 __all__ = ["LabelMapWriter", "ignore_value", "label_map", "vocabulary_metadata"]
 

@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from hiervl.demo.visualizer import UNLABELED
 from hiervl.engine.checkpoint import HierVLCheckpointer
 from hiervl.engine.trainer import HierVLTrainer
 from hiervl.modeling.hiervl_model import HierVLModel
@@ -26,8 +27,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SemanticPrediction", "SemanticPredictor", "parse_vocabulary", "UNLABELED"]
 
-# Label of pixels whose most likely class is less probable than the confidence threshold.
-UNLABELED = -1
 INPUT_FORMATS = ("BGR", "RGB")
 
 

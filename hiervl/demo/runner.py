@@ -2,6 +2,9 @@
 
 A file that cannot be read is reported with its name and skipped; the caller turns the
 returned failures into a non-zero exit code. Frames are BGR throughout (OpenCV's order).
+
+Importing this module needs no torch (the predictor is only a type here): the ONNX
+runner (``hiervl.tools.onnx_predict``) shares its input and output-path rules.
 """
 
 from __future__ import annotations
@@ -13,16 +16,19 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-import torch
 import tqdm
 
 from hiervl.demo.label_maps import LabelMapWriter
-from hiervl.demo.predictor import SemanticPrediction, SemanticPredictor
 from hiervl.demo.visualizer import SemanticVisualizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from hiervl.demo.predictor import SemanticPrediction, SemanticPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +97,8 @@ def format_relevance(class_names: Sequence[str], relevance: torch.Tensor) -> str
     """One ``name  score`` line per class, most relevant first."""
     if len(class_names) != relevance.numel():
         raise ValueError(f"{relevance.numel()} relevance scores for {len(class_names)} classes")
+    import torch
+
     order = torch.argsort(relevance, descending=True).tolist()
     width = max(len(name) for name in class_names)
     return "\n".join(f"  {class_names[k]:<{width}}  {relevance[k].item():.3f}" for k in order)

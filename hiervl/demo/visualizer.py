@@ -5,6 +5,9 @@ Shape letters: K classes, H×W the image.
 Drawn with OpenCV on BGR images (the demo reads and writes with cv2), at the image's own
 size so that a video keeps its frame size. Text size follows the image size; every label
 has a dark outline so it reads on any colour.
+
+numpy and OpenCV only (no torch): the ONNX runner (``hiervl.tools.onnx_predict``) draws
+the same overlays without the training stack.
 """
 
 from __future__ import annotations
@@ -15,16 +18,20 @@ from typing import List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from hiervl.data.datasets.palettes import generated_palette
-from hiervl.demo.predictor import UNLABELED
+from hiervl.data.generated_colors import generated_palette
 
 __all__ = [
+    "UNLABELED",
     "DatasetPalette",
     "LegendEntry",
     "SemanticVisualizer",
     "class_colors",
     "legend_entries",
 ]
+
+# Label of pixels whose most likely class is less probable than the confidence threshold
+# (the predictor's and the ONNX runner's convention; re-exported by hiervl.demo.predictor).
+UNLABELED = -1
 
 UNLABELED_NAME = "unlabelled"
 UNLABELED_COLOR_BGR = (128, 128, 128)

@@ -182,7 +182,7 @@ class DualQueryDecoder(nn.Module):
             small = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)
             allowed = small.sigmoid().flatten(2) >= MASK_ATTENTION_THRESHOLD  # (B, Q, S)
             # A query whose mask is empty would attend to nothing: let it see everything.
-            allowed |= ~allowed.any(dim=-1, keepdim=True)
+            allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
         pred = {"pred_logits": logits, "pred_masks": masks, "query_proj": proj}
         return pred, allowed.unsqueeze(1)
 
@@ -220,13 +220,16 @@ class DualQueryDecoder(nn.Module):
                     f"text_classes when the text queries cover a subset)"
                 )
             text_classes = torch.arange(num_classes, device=text_queries.device)
-        if text_classes.shape != (k,):
-            raise ValueError(
-                f"text_classes must be ({k},) (one class per text-query column), got "
-                f"{tuple(text_classes.shape)}"
-            )
-        if k and not (0 <= int(text_classes.min()) and int(text_classes.max()) < num_classes):
-            raise ValueError(f"text_classes must lie in [0, {num_classes}), got {text_classes}")
+        else:
+            # Checked only when given: reading values back would break the static trace
+            # of the export mode (which passes None).
+            if text_classes.shape != (k,):
+                raise ValueError(
+                    f"text_classes must be ({k},) (one class per text-query column), got "
+                    f"{tuple(text_classes.shape)}"
+                )
+            if k and not (0 <= int(text_classes.min()) and int(text_classes.max()) < num_classes):
+                raise ValueError(f"text_classes must lie in [0, {num_classes}), got {text_classes}")
         if num_levels != self.num_text_levels or d != self.hidden_dim:
             raise ValueError(
                 f"text_queries {tuple(text_queries.shape)} do not match the decoder "

@@ -110,6 +110,7 @@ class HierVLModel(nn.Module):
         perturb_features: bool = False,
         text: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
         with_frozen: bool = False,
+        static_shapes: bool = False,
     ) -> Dict[str, object]:
         """Predict masks and classes for a batch.
 
@@ -122,6 +123,10 @@ class HierVLModel(nn.Module):
             with_frozen: also run E_I^0 at full resolution (``frozen`` in the output; the
                 losses that read its dense features ask for it). HSQG's v always comes
                 from E_I^0's pass at CLIP's native size (``global_embedding``).
+            static_shapes: export mode (ONNX, ``hiervl.tools.export``): no tensor size
+                depends on the data. Every class keeps its text queries (pruned ones
+                masked, not removed: Q = L·K + M) and HSQG's resize runs as constant
+                matrices; the valid queries' outputs equal the default path's.
         Returns:
             The decoder's dict (``pred_logits`` (B,Q,K+1), ``pred_masks`` (B,Q,h,w),
             Q = L·K' + M with K' the classes active in at least one image,
@@ -138,9 +143,14 @@ class HierVLModel(nn.Module):
                 k: F.dropout2d(v, p=self.feature_dropout, training=True)
                 for k, v in features.items()
             }
-        image_embed = self.frozen_encoder.global_embedding(images) if self.hsqg.enabled else None
+        image_embed = None
+        if self.hsqg.enabled:
+            image_embed = self.frozen_encoder.global_embedding(images, static_shapes=static_shapes)
         gen = self.hsqg(t, image_embed, presence, labeled, num_images=images.shape[0])
-        queries, active, classes = live_text_queries(gen.queries, gen.active)
+        if static_shapes:
+            queries, active, classes = gen.queries, gen.active, None
+        else:
+            queries, active, classes = live_text_queries(gen.queries, gen.active)
         pix = self.pixel_decoder(features, queries, active)
         out = self.decoder(
             pix.text_queries,
@@ -192,23 +202,33 @@ class HierVLModel(nn.Module):
         return self.hsqg.relevance(t, self.frozen_encoder.global_embedding(images))
 
     def predict_scores(
-        self, images: torch.Tensor, text: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self,
+        images: torch.Tensor,
+        text: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        *,
+        static_shapes: bool = False,
+        prune_classes: bool = False,
     ) -> torch.Tensor:
         """Inference on one window: (B,3,H,W) any size → scores S (B,K,H,W).
 
         The window is zero-padded at the bottom/right to a multiple of the patch size
         and the padding is cropped from the scores. ``text``: cached ``class_embeddings()``.
+        ``static_shapes``: export mode (see :meth:`forward`), the same scores.
+        ``prune_classes``: zero the scores of the classes HSQG pruned for the image
+        (visual queries may otherwise still vote for them; DESIGN §1.4).
         """
         h, w = images.shape[-2:]
         div = self.size_divisibility
         pad_h, pad_w = (-h) % div, (-w) % div
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
-        out = self(images, text=text)
+        out = self(images, text=text, static_shapes=static_shapes)
         # Mask2Former's order: resize the mask logits, then combine (sharper boundaries
         # than combining at stride 4 and resizing the class scores).
         masks = F.interpolate(
             out["pred_masks"], size=images.shape[-2:], mode="bilinear", align_corners=False
         )
         scores = semantic_inference(out["pred_logits"], masks, out["query_valid"])
+        if prune_classes:
+            scores = scores * out["active"][:, :, None, None].to(scores.dtype)
         return scores[:, :, :h, :w]

@@ -161,7 +161,7 @@ class HSQG(nn.Module):
             )
 
         gate = self._gate(relevance, presence, labeled)
-        active = self._active(gate, relevance)
+        active = self._active(gate, relevance, gate_is_relevance=presence is None)
         return HSQGOutput(gate[:, None, :, None] * queries[None], gate, relevance, active)
 
     def _gate(
@@ -190,16 +190,24 @@ class HSQG(nn.Module):
         return torch.where(labeled[:, None], presence.to(relevance.dtype), relevance)
 
     @torch.no_grad()
-    def _active(self, gate: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    def _active(
+        self, gate: torch.Tensor, relevance: torch.Tensor, *, gate_is_relevance: bool = False
+    ) -> torch.Tensor:
         """(B, K) bool: gate >= threshold, plus the ``min_active`` best-ranked classes.
 
         Ranking is by gate, ties (0/1 gates of labelled images) broken by the predicted
         relevance, so an image with no ground-truth class keeps its most likely ones.
+        ``gate_is_relevance`` (no ground truth, as at inference): the two keys are one, and
+        ``topk`` gives the same classes without the stable sorts ONNX cannot express
+        (relevances of distinct class names do not tie exactly).
         """
         active = gate >= self.relevance_threshold
         keep = min(self.min_active, gate.shape[1])
         if keep == 0:
             return active
+        if gate_is_relevance:
+            top = relevance.topk(keep, dim=1).indices
+            return active.scatter(1, top, torch.ones_like(top, dtype=torch.bool))
         # Two stable sorts = lexicographic order (gate, then relevance), both descending.
         order = torch.sort(relevance, dim=1, descending=True, stable=True).indices
         by_gate = torch.sort(gate.gather(1, order), dim=1, descending=True, stable=True).indices

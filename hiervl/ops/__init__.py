@@ -4,7 +4,7 @@ Importing this package never fails when the extension ``hiervl._C`` is missing: 
 uses the reference and warns once. ``kernel_status()`` says which kernels are in use.
 """
 
-from hiervl.ops._ext import compiled_available, kernel_status
+from hiervl.ops._ext import compiled_available, kernel_status, reference_kernel
 from hiervl.ops.ms_deform_attn import MSDeformAttn, MSDeformAttnFunction, ms_deform_attn
 from hiervl.ops.ms_deform_attn_ref import ms_deform_attn_reference
 
@@ -15,4 +15,5 @@ __all__ = [
     "ms_deform_attn_reference",
     "compiled_available",
     "kernel_status",
+    "reference_kernel",
 ]

@@ -4,9 +4,10 @@ The extension is optional: when it is missing (not built, built against another 
 CUDA kernel for a GPU tensor) the op falls back to the PyTorch reference and says so once.
 """
 
+import contextlib
 import logging
 import threading
-from typing import Optional, Set
+from typing import Iterator, Optional, Set
 
 import torch
 
@@ -21,6 +22,9 @@ except (ImportError, OSError) as e:  # OSError: a stale .so with unresolved libr
 
 _warned: Set[str] = set()
 _warn_lock = threading.Lock()
+# Depth of nested ``reference_kernel()`` blocks (any thread: export and benchmarks are
+# single-threaded, and a count keeps nesting right).
+_reference_depth = 0
 
 
 def compiled_module():
@@ -42,6 +46,31 @@ def compiled_available(device: Optional[torch.device] = None) -> bool:
     if device_type == "cuda":
         return bool(_C.with_cuda())
     return False
+
+
+@contextlib.contextmanager
+def reference_kernel() -> Iterator[None]:
+    """Run MSDeformAttn on its PyTorch reference inside this block, kernel or not.
+
+    For ONNX export (a traced graph cannot hold the compiled kernel; the reference is
+    ``grid_sample``, which ONNX has) and for benchmarks comparing the two; no warning.
+    """
+    global _reference_depth
+    _reference_depth += 1
+    try:
+        yield
+    finally:
+        _reference_depth -= 1
+
+
+def reference_forced() -> bool:
+    """Whether MSDeformAttn must use its reference now: inside :func:`reference_kernel`,
+    or while torch traces or exports (the compiled kernel is no traceable op)."""
+    if _reference_depth > 0 or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    # torch.export (the dynamo ONNX exporter of recent torch); absent on torch 2.3.
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
 
 
 def kernel_status() -> str:

@@ -88,7 +88,9 @@ def ms_deform_attn(
     shapes = spatial_shapes.to(device=device, dtype=torch.long).contiguous()
     starts = level_start_index.to(device=device, dtype=torch.long).contiguous()
     with _autocast_off(device):
-        if _ext.compiled_available(device):
+        if _ext.reference_forced():
+            out = ms_deform_attn_reference(value32, shapes, starts, locations32, weights32)
+        elif _ext.compiled_available(device):
             out = MSDeformAttnFunction.apply(value32, shapes, starts, locations32, weights32)
         else:
             _ext.warn_fallback_once(device)

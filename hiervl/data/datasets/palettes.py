@@ -13,19 +13,17 @@ check draw with it.
 * custom datasets: golden-ratio hues, distinct for any number of classes.
 """
 
-import colorsys
 from typing import List
 
 from detectron2.data.datasets.builtin_meta import CITYSCAPES_CATEGORIES, COCO_CATEGORIES
+
+# In a module of its own so that the torch-free visualiser can use it.
+from hiervl.data.generated_colors import generated_palette
 
 __all__ = ["ADE20K", "CITYSCAPES", "COCO", "VOC", "generated_palette", "voc_palette"]
 
 Palette = List[List[int]]
 
-# Golden-ratio hue steps keep consecutive classes far apart on the colour wheel.
-_GOLDEN_RATIO_CONJUGATE = 0.618033988749895
-_SATURATION = 0.75
-_VALUE = 0.95
 _VOC_BITS = 8
 _COCO_BACKGROUND = [0, 0, 0]
 
@@ -65,16 +63,6 @@ def voc_palette(num_classes: int) -> Palette:
                 color[channel] |= ((value >> channel) & 1) << (_VOC_BITS - 1 - j)
             value >>= 3
         palette.append(color)
-    return palette
-
-
-def generated_palette(num_classes: int) -> Palette:
-    """Deterministic distinct colours for any class list (custom datasets)."""
-    palette = []
-    for k in range(num_classes):
-        hue = (k * _GOLDEN_RATIO_CONJUGATE) % 1.0
-        r, g, b = colorsys.hsv_to_rgb(hue, _SATURATION, _VALUE)
-        palette.append([round(r * 255), round(g * 255), round(b * 255)])
     return palette
 
 

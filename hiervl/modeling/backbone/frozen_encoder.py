@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
@@ -39,7 +40,45 @@ from .clip_vit import (
     token_grid,
 )
 
-__all__ = ["FrozenCLIPImageEncoder", "FrozenImageFeatures", "maskclip_value_path"]
+__all__ = [
+    "FrozenCLIPImageEncoder",
+    "FrozenImageFeatures",
+    "antialiased_resize_matrix",
+    "maskclip_value_path",
+]
+
+
+def antialiased_resize_matrix(src: int, dst: int) -> torch.Tensor:
+    """The (dst, src) float32 matrix A with ``A @ x`` = x (src,) resized to (dst,) by
+    ``F.interpolate(mode="bilinear", align_corners=False, antialias=True)`` along one axis.
+
+    That resize is separable with fixed weights, so at a fixed input size it is two
+    matmuls with constant matrices: a form ONNX can express (the exporters have no
+    antialiased resize, and ONNX Resize's antialias rule is not torch's). The weights are
+    torch's CPU kernel's, computed with its float32 roundings step by step (a triangle
+    filter stretched by the downscale factor, truncated at the borders, renormalised): the
+    filter centre of an output pixel near 500 carries float32 error ~3e-5, which exact
+    float64 weights would not reproduce. In Python, so a traced graph holds constants.
+    """
+    f32 = np.float32
+    scale = f32(src) / f32(dst)
+    support = scale if scale >= 1.0 else f32(1.0)  # the bilinear half-width, 1 input pixel
+    inv_scale = f32(1.0 / float(scale)) if scale >= 1.0 else f32(1.0)
+    matrix = np.zeros((dst, src), dtype=np.float32)
+    for i in range(dst):
+        center = f32(float(scale) * (i + 0.5))
+        lo = max(int(float(center - support) + 0.5), 0)
+        hi = min(int(float(center + support) + 0.5), src)
+        taps = []
+        for j in range(lo, hi):
+            x = abs(f32((float(f32(j) - center) + 0.5) * float(inv_scale)))
+            taps.append(f32(1.0 - float(x)) if x < 1.0 else f32(0.0))
+        total = f32(0.0)
+        for w in taps:
+            total = f32(total + w)
+        if total != 0.0:
+            matrix[i, lo:hi] = [w / total for w in taps]
+    return torch.from_numpy(matrix)
 
 
 class FrozenImageFeatures(NamedTuple):
@@ -107,11 +146,15 @@ class FrozenCLIPImageEncoder(nn.Module):
         return int(self.visual.grid_size[0] * self.visual.patch_size[0])
 
     @torch.no_grad()
-    def global_embedding(self, images: torch.Tensor) -> torch.Tensor:
+    def global_embedding(
+        self, images: torch.Tensor, *, static_shapes: bool = False
+    ) -> torch.Tensor:
         """v: the pooled embedding (B, C) of the image resized to CLIP's native size.
 
         Args:
             images: (B, 3, H, W), CLIP-normalised, any size.
+            static_shapes: export mode: the resize as two constant matrices
+                (:func:`antialiased_resize_matrix`), the same result up to rounding.
         Returns:
             (B, C), not normalised (as ``CLIP.encode_image``).
         """
@@ -120,7 +163,11 @@ class FrozenCLIPImageEncoder(nn.Module):
         scale = self.native_size / min(height, width)
         # Round half up to a multiple of the patch (not Python's round-half-even).
         size = tuple(max(1, int(side * scale / patch + 0.5)) * patch for side in (height, width))
-        if size != (height, width):
+        if size != (height, width) and static_shapes:
+            rows = antialiased_resize_matrix(height, size[0]).to(images)  # (h', H)
+            cols = antialiased_resize_matrix(width, size[1]).to(images)  # (w', W)
+            images = torch.matmul(torch.matmul(rows, images), cols.t())
+        elif size != (height, width):
             # Bilinear with antialiasing, like CLIP's PIL resize; it commutes with the
             # per-channel normalisation the images already carry.
             images = F.interpolate(

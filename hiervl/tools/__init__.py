@@ -1,0 +1,1 @@
+"""Command-line tools around a trained HierVL model (``python -m hiervl.tools.<name>``)."""

@@ -1,0 +1,126 @@
+"""What an exported HierVL ONNX file says about itself (its ``metadata_props``).
+
+Written by ``hiervl.tools.export`` and read by ``hiervl.tools.onnx_predict``: everything
+needed to run the file without the config or the training stack. Pure Python (no torch,
+no onnx), so the runner and the exporter share one definition.
+
+Keys (all strings; lists and sizes as JSON):
+
+=========================  =============================================================
+``hiervl.format``          version of this layout (``FORMAT_VERSION``)
+``hiervl.class_names``     the K names, index k = score channel k
+``hiervl.input_size``      [H, W] of the exported window
+``hiervl.input_format``    channel order of the input before normalisation ("RGB")
+``hiervl.pixel_mean``      per-channel mean of 0..255 pixels (input = (x - mean) / std)
+``hiervl.pixel_std``       per-channel std
+``hiervl.window_stride``   default sliding-window stride (pixels) for larger images
+``hiervl.prune_classes``   "true" when HSQG-pruned classes score 0
+``hiervl.commit``          the exporting commit (``git rev-parse HEAD``) or "unknown"
+``hiervl.weights``         the checkpoint exported ("" for an untrained model)
+=========================  =============================================================
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Tuple
+
+__all__ = ["FORMAT_VERSION", "INPUT_NAME", "OUTPUT_NAME", "DeployMetadata"]
+
+FORMAT_VERSION = 1
+PREFIX = "hiervl."
+INPUT_NAME = "images"
+OUTPUT_NAME = "scores"
+REQUIRED = (
+    "format",
+    "class_names",
+    "input_size",
+    "input_format",
+    "pixel_mean",
+    "pixel_std",
+    "window_stride",
+    "prune_classes",
+    "commit",
+    "weights",
+)
+
+
+@dataclass(frozen=True)
+class DeployMetadata:
+    """The decoded ``hiervl.*`` metadata of an exported file."""
+
+    class_names: Tuple[str, ...]
+    input_size: Tuple[int, int]
+    pixel_mean: Tuple[float, float, float]
+    pixel_std: Tuple[float, float, float]
+    window_stride: int
+    prune_classes: bool
+    commit: str
+    weights: str
+    input_format: str = "RGB"
+
+    def __post_init__(self):
+        height, width = self.input_size
+        if not self.class_names:
+            raise ValueError("metadata: class_names is empty")
+        if height < 1 or width < 1 or self.window_stride < 1:
+            raise ValueError(
+                f"metadata: input_size {list(self.input_size)} and window_stride "
+                f"{self.window_stride} must be positive"
+            )
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
+            raise ValueError(
+                f"metadata: pixel_mean {list(self.pixel_mean)} / pixel_std "
+                f"{list(self.pixel_std)} must be 3 values each, std > 0"
+            )
+        if self.input_format != "RGB":
+            raise ValueError(f"metadata: input_format {self.input_format!r} is not 'RGB'")
+
+    def to_props(self) -> Dict[str, str]:
+        """The ``metadata_props`` entries (key → string)."""
+        values = {
+            "format": str(FORMAT_VERSION),
+            "class_names": json.dumps(list(self.class_names)),
+            "input_size": json.dumps(list(self.input_size)),
+            "input_format": self.input_format,
+            "pixel_mean": json.dumps(list(self.pixel_mean)),
+            "pixel_std": json.dumps(list(self.pixel_std)),
+            "window_stride": str(self.window_stride),
+            "prune_classes": "true" if self.prune_classes else "false",
+            "commit": self.commit,
+            "weights": self.weights,
+        }
+        return {PREFIX + k: v for k, v in values.items()}
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str], source: str) -> DeployMetadata:
+        """Decode ``metadata_props``; ValueError naming ``source`` (the file) when a key is
+        missing or malformed (a file exported by another tool, or a newer layout)."""
+        missing = [PREFIX + k for k in REQUIRED if PREFIX + k not in props]
+        if missing:
+            raise ValueError(
+                f"{source}: not a HierVL export (metadata keys missing: {missing}); "
+                "export it with `python -m hiervl.tools.export`"
+            )
+        version = props[PREFIX + "format"]
+        if version != str(FORMAT_VERSION):
+            raise ValueError(
+                f"{source}: metadata format {version!r}, this runner reads {FORMAT_VERSION}"
+            )
+        try:
+            names: List[str] = json.loads(props[PREFIX + "class_names"])
+            size = json.loads(props[PREFIX + "input_size"])
+            return cls(
+                class_names=tuple(str(n) for n in names),
+                input_size=(int(size[0]), int(size[1])),
+                pixel_mean=tuple(float(v) for v in json.loads(props[PREFIX + "pixel_mean"])),
+                pixel_std=tuple(float(v) for v in json.loads(props[PREFIX + "pixel_std"])),
+                window_stride=int(props[PREFIX + "window_stride"]),
+                prune_classes=props[PREFIX + "prune_classes"] == "true",
+                commit=props[PREFIX + "commit"],
+                weights=props[PREFIX + "weights"],
+                input_format=props[PREFIX + "input_format"],
+            )
+        except (ValueError, TypeError, IndexError, json.JSONDecodeError) as e:
+            raise ValueError(f"{source}: malformed HierVL metadata ({e})") from None

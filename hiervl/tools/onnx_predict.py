@@ -1,0 +1,315 @@
+"""Segment images with an exported HierVL file: onnxruntime, numpy, PIL and OpenCV only.
+
+    python -m hiervl.tools.onnx_predict --model model.onnx --input photo.jpg imgs/*.png \
+        --output overlays/ --save-masks masks/ [--confidence-threshold 0.5]
+
+No torch and no detectron2 is imported (tests/tools/test_export.py checks it). Writes
+what the demo (``demo/demo.py``) writes: overlays drawn by the demo's
+:class:`~hiervl.demo.visualizer.SemanticVisualizer` (``--output``, a file for one input
+or a folder, the same names), and label maps (``--save-masks DIR``): ``DIR/<stem>.png``,
+single channel at the input's size, value = class index, ``IGNORE_VALUE`` (255) where
+``--confidence-threshold`` leaves the pixel unlabelled.
+
+Inference mirrors the evaluator's sliding window (``hiervl/evaluation/sliding_window.py``)
+with the exported window: windows every ``stride`` pixels (the last one flush with the
+border), overlapping scores averaged. The graph has one fixed size, so an image with a
+side shorter than the window is first enlarged (bilinear, aspect kept) until the window
+fits, and its scores are resized back; the PyTorch demo would see such an image at its own
+size instead. Images are read by the project's reader (``hiervl.data.image_io``, EXIF
+orientation applied).
+
+Shape letters: K classes, H×W an image, h×w the window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import tqdm
+from PIL import Image
+
+from hiervl.data.image_io import read_image
+from hiervl.demo.runner import DemoFailure, expand_inputs, image_output_paths
+from hiervl.demo.visualizer import UNLABELED, SemanticVisualizer
+from hiervl.tools.onnx_metadata import INPUT_NAME, DeployMetadata
+
+logger = logging.getLogger("hiervl.tools.onnx_predict")
+
+__all__ = [
+    "IGNORE_VALUE",
+    "OnnxSegmenter",
+    "bilinear_matrix",
+    "mask_paths",
+    "probabilities",
+    "window_starts",
+    "write_label_png",
+]
+
+# Label-map value of unlabelled pixels (the datasets' ignore label).
+IGNORE_VALUE = 255
+# HierVLModel.semantic_probs' floor of the per-pixel score sum.
+PROB_EPS = 1e-6
+
+
+def window_starts(length: int, crop: int, stride: int) -> List[int]:
+    """Window offsets along one axis of ``length`` >= ``crop`` pixels, as the evaluator's."""
+    if length <= crop:
+        return [0]
+    starts = list(range(0, length - crop, stride))
+    starts.append(length - crop)
+    return starts
+
+
+def bilinear_matrix(src: int, dst: int) -> np.ndarray:
+    """(dst, src) float32 matrix of ``F.interpolate(mode="bilinear", align_corners=False)``
+    along one axis (no antialiasing): half-pixel centres, edges clamped."""
+    scale = src / dst
+    coords = np.maximum((np.arange(dst) + 0.5) * scale - 0.5, 0.0)
+    low = np.minimum(np.floor(coords).astype(np.int64), src - 1)
+    high = np.minimum(low + 1, src - 1)
+    frac = coords - low
+    matrix = np.zeros((dst, src), dtype=np.float64)
+    np.add.at(matrix, (np.arange(dst), low), 1.0 - frac)
+    np.add.at(matrix, (np.arange(dst), high), frac)
+    return matrix.astype(np.float32)
+
+
+def _resize(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """(C,H,W) float32 → (C,h',w') bilinear (the torch rule, see :func:`bilinear_matrix`)."""
+    if tuple(x.shape[1:]) == tuple(size):
+        return x
+    rows = bilinear_matrix(x.shape[1], size[0])
+    cols = bilinear_matrix(x.shape[2], size[1])
+    return np.einsum("ih,chw,jw->cij", rows, x, cols, optimize=True).astype(np.float32)
+
+
+def probabilities(scores: np.ndarray) -> np.ndarray:
+    """(K,H,W) scores → per-pixel class distribution (``HierVLModel.semantic_probs``)."""
+    scores = np.maximum(scores, 0.0)
+    return scores / np.maximum(scores.sum(axis=0, keepdims=True), PROB_EPS)
+
+
+@dataclass
+class OnnxPrediction:
+    """scores (K,H,W) float32; labels (H,W) int64 with ``UNLABELED``; confidence (H,W)."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    confidence: np.ndarray
+
+
+class OnnxSegmenter:
+    """An exported HierVL file and its metadata: RGB image → scores and labels."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        stride: int = 0,
+        confidence_threshold: float = 0.0,
+        threads: int = 0,
+    ):
+        """
+        Args:
+            path: the ``.onnx`` file written by ``hiervl.tools.export``.
+            stride: sliding-window stride in pixels (0 = the file's ``window_stride``).
+            confidence_threshold: in [0, 1); pixels whose top class probability is below
+                it are ``UNLABELED`` (as the demo's ``--confidence-threshold``).
+            threads: onnxruntime intra-op threads (0 = its default, one per core).
+        """
+        if not os.path.isfile(path):
+            raise ValueError(f"--model {path!r}: no such file")
+        if not 0.0 <= confidence_threshold < 1.0:
+            raise ValueError(
+                f"confidence threshold must be in [0, 1), got {confidence_threshold} "
+                "(it is compared with a per-pixel class probability)"
+            )
+        if stride < 0 or threads < 0:
+            raise ValueError(f"stride ({stride}) and threads ({threads}) must be >= 0")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(
+                path, sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ValueError(f"--model {path!r}: onnxruntime cannot load it ({e})") from None
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.meta = DeployMetadata.from_props(props, path)
+        self.stride = stride or self.meta.window_stride
+        self.confidence_threshold = float(confidence_threshold)
+        self._mean = np.asarray(self.meta.pixel_mean, dtype=np.float32).reshape(3, 1, 1)
+        self._std = np.asarray(self.meta.pixel_std, dtype=np.float32).reshape(3, 1, 1)
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(self.meta.class_names)
+
+    def normalize(self, image: np.ndarray) -> np.ndarray:
+        """(H,W,3) uint8 RGB → (3,H,W) float32 (x - mean) / std."""
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.dtype} {image.shape}")
+        chw = image.transpose(2, 0, 1).astype(np.float32)
+        return (chw - self._mean) / self._std
+
+    def window(self, window: np.ndarray) -> np.ndarray:
+        """One (3,h,w) normalised window → (K,h,w) scores."""
+        (scores,) = self.session.run(None, {INPUT_NAME: window[None]})
+        return scores[0]
+
+    def scores(self, image: np.ndarray) -> np.ndarray:
+        """(H,W,3) uint8 RGB → (K,H,W) float32 scores (sliding window, see module doc)."""
+        x = self.normalize(image)
+        height, width = x.shape[1:]
+        win_h, win_w = self.meta.input_size
+        scale = max(win_h / height, win_w / width, 1.0)
+        # Bilinear commutes with the per-channel normalisation: resizing after it is exact.
+        x = _resize(x, (math.ceil(height * scale), math.ceil(width * scale)))
+        total = np.zeros((len(self.class_names),) + x.shape[1:], dtype=np.float32)
+        counts = np.zeros(x.shape[1:], dtype=np.float32)
+        for top in window_starts(x.shape[1], win_h, self.stride):
+            for left in window_starts(x.shape[2], win_w, self.stride):
+                crop = np.ascontiguousarray(x[:, top : top + win_h, left : left + win_w])
+                total[:, top : top + win_h, left : left + win_w] += self.window(crop)
+                counts[top : top + win_h, left : left + win_w] += 1
+        return _resize(total / counts, (height, width))
+
+    def __call__(self, image: np.ndarray) -> OnnxPrediction:
+        """(H,W,3) uint8 RGB → scores, labels (``UNLABELED`` below the threshold), confidence."""
+        scores = self.scores(image)
+        probs = probabilities(scores)
+        labels = probs.argmax(axis=0).astype(np.int64)
+        confidence = probs.max(axis=0)
+        labels[confidence < self.confidence_threshold] = UNLABELED
+        return OnnxPrediction(scores=scores, labels=labels, confidence=confidence)
+
+
+def write_label_png(path: str, labels: np.ndarray, num_classes: int) -> None:
+    """(H,W) class indices (``UNLABELED`` allowed) → single-channel 8-bit PNG, unlabelled
+    pixels ``IGNORE_VALUE``."""
+    if num_classes > IGNORE_VALUE:
+        raise ValueError(
+            f"--save-masks writes 8-bit label maps: {num_classes} classes do not fit below "
+            f"the ignore value {IGNORE_VALUE}"
+        )
+    out = np.where(labels == UNLABELED, IGNORE_VALUE, labels).astype(np.uint8)
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    Image.fromarray(out, mode="L").save(path)
+
+
+def mask_paths(paths: Sequence[str], folder: str) -> List[str]:
+    """``folder/<stem>.png`` per input; repeated stems get ``_1``, ``_2``, ... as the
+    demo's output names do."""
+    taken, out = set(), []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name, n = stem + ".png", 1
+        while name in taken:
+            name, n = f"{stem}_{n}.png", n + 1
+        taken.add(name)
+        out.append(os.path.join(folder, name))
+    return out
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, metavar="FILE", help="exported .onnx file")
+    parser.add_argument("--input", nargs="+", required=True, help="image files or glob patterns")
+    parser.add_argument("--output", help="file (one input) or folder for the overlays")
+    parser.add_argument("--save-masks", metavar="DIR", help="folder for the label-map PNGs")
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.0,
+        help="pixels whose top class probability is below this are left unlabelled",
+    )
+    parser.add_argument(
+        "--stride", type=int, default=0, help="sliding-window stride (0 = the file's)"
+    )
+    parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the colour overlay")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = all)")
+    return parser
+
+
+def _segment_one(segmenter, visualizer, path, overlay_path, mask_path) -> OnnxPrediction:
+    rgb = read_image(path, format="RGB")
+    prediction = segmenter(rgb)
+    if overlay_path is not None:
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        overlay = visualizer.draw(bgr, prediction.labels, segmenter.class_names)
+        folder = os.path.dirname(overlay_path)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        if not cv2.imwrite(overlay_path, overlay):
+            raise ValueError(f"cannot write {overlay_path!r}")
+    if mask_path is not None:
+        write_label_png(mask_path, prediction.labels, len(segmenter.class_names))
+    return prediction
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
+    try:
+        if not args.output and not args.save_masks:
+            raise ValueError("nothing to write: pass --output and/or --save-masks")
+        segmenter = OnnxSegmenter(
+            args.model,
+            stride=args.stride,
+            confidence_threshold=args.confidence_threshold,
+            threads=args.threads,
+        )
+        visualizer = SemanticVisualizer(alpha=args.alpha)
+        paths, failures = expand_inputs(args.input)
+        overlays = image_output_paths(paths, args.output) if args.output else [None] * len(paths)
+        masks = mask_paths(paths, args.save_masks) if args.save_masks else [None] * len(paths)
+    except ValueError as e:
+        logger.error("%s", e)
+        return 1
+    meta = segmenter.meta
+    logger.info(
+        "%s: %d classes, window %dx%d, stride %d, commit %s",
+        args.model,
+        len(meta.class_names),
+        *meta.input_size,
+        segmenter.stride,
+        meta.commit,
+    )
+    done = 0
+    for path, overlay, mask in zip(tqdm.tqdm(paths, desc="images", unit="img"), overlays, masks):
+        start = time.perf_counter()
+        try:
+            prediction = _segment_one(segmenter, visualizer, path, overlay, mask)
+        except (ValueError, cv2.error) as e:
+            logger.error("%s: %s", path, e)
+            failures.append(DemoFailure(path, str(e)))
+            continue
+        present = [segmenter.class_names[k] for k in np.unique(prediction.labels) if k >= 0]
+        logger.info(
+            "%s: %d classes (%s) in %.2fs",
+            path,
+            len(present),
+            ", ".join(present),
+            time.perf_counter() - start,
+        )
+        done += 1
+    for failure in failures:
+        logger.error("FAILED %s: %s", failure.path, failure.message)
+    print(f"{done} images segmented, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
