@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from hiervl.demo.predictor import parse_vocabulary
@@ -135,6 +136,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if prune is None:
             # TEST.PRUNE_CLASSES (issue 12) is honoured once the config has it.
             prune = bool(cfg.TEST.get("PRUNE_CLASSES", False))
+        # Seeded: an untrained export (random init) is the same file every time, and the
+        # same network as other tools build with seed 0 (benchmarks/bench_inference.py).
+        seed_all_rng(0)
         meta = HierVLTrainer.build_model(cfg).eval()
         if cfg.MODEL.WEIGHTS:
             HierVLCheckpointer(meta).load(cfg.MODEL.WEIGHTS)

@@ -232,9 +232,9 @@ def _count_frozen_calls(model):
     encoder.register_forward_hook(lambda *args: calls.update(forward=calls["forward"] + 1))
     inner = encoder.global_embedding
 
-    def counted(x):
+    def counted(x, **kwargs):
         calls["global"] += 1
-        return inner(x)
+        return inner(x, **kwargs)
 
     encoder.global_embedding = counted
     return calls, inner
