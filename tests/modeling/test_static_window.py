@@ -21,9 +21,15 @@ from hiervl.tools.onnx_metadata import INPUT_NAME, DeployMetadata
 # CLIP's pixel statistics (hiervl/config.py), to normalise the drawn scenes.
 MEAN = np.array([122.7709383, 116.7460125, 104.09373615])
 STD = np.array([68.5005327, 66.6321579, 70.32316305])
-# Export mode vs the eager path: the same math on the same values, only the attention
-# kernels see masked instead of removed keys (and may pick another evaluation order).
-STATIC_ATOL = 5e-6
+# Export mode vs the eager path: the same math, rounded differently (attention kernels see
+# masked instead of removed keys, the resize is a matmul): |Δ| <= STATIC_RTOL * max |S|,
+# about 16 float32 epsilons (measured: <= 3e-7 relative, 3.8e-6 on scores up to 13).
+STATIC_RTOL = 2e-6
+
+
+def assert_static_close(static, eager):
+    bound = STATIC_RTOL * max(1.0, float(eager.abs().max()))
+    assert float((static - eager).abs().max()) <= bound
 
 
 def scene(height: int, width: int, seed: int) -> torch.Tensor:
@@ -82,7 +88,7 @@ def test_static_shapes_equal_the_eager_scores(model, size, all_active, prune_cla
     if not all_active:
         assert 1 <= len(kept) < len(CLASSES)
     assert static.shape == eager.shape == (1, len(CLASSES), *size)
-    assert (static - eager).abs().max() <= STATIC_ATOL
+    assert_static_close(static, eager)
     if prune_classes and not all_active:
         pruned = ~out["active"][0]
         assert torch.all(static[0, pruned] == 0) and torch.all(eager[0, pruned] == 0)
@@ -94,7 +100,7 @@ def test_static_window_bakes_the_vocabulary_and_checks_its_input(model):
     images = scene(64, 96, seed=2)
     with torch.no_grad():
         expected = model.predict_scores(images, model.class_embeddings())
-        torch.testing.assert_close(window(images), expected, rtol=0, atol=STATIC_ATOL)
+        assert_static_close(window(images), expected)
     assert window.class_names == list(CLASSES)
     with pytest.raises(ValueError, match=r"expected images \(B, 3, 64, 96\)"):
         window(scene(64, 64, seed=2))
