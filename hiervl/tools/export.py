@@ -31,7 +31,9 @@ import torch
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
+from hiervl.demo.label_maps import ignore_value, vocabulary_metadata
 from hiervl.demo.predictor import parse_vocabulary
+from hiervl.demo.visualizer import DatasetPalette
 from hiervl.engine.checkpoint import HierVLCheckpointer
 from hiervl.engine.launcher import setup_cfg
 from hiervl.engine.trainer import HierVLTrainer
@@ -147,6 +149,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if vocabulary is not None:
             meta.set_vocabulary(vocabulary)
         window = StaticWindow(model=meta.model, height=height, width=width, prune_classes=prune)
+        # The demo's colours and ignore value (the dataset's, while its classes are used).
+        dataset = vocabulary_metadata(cfg)
+        palette = DatasetPalette.from_metadata(dataset) if dataset is not None else None
+        colors = palette.colors_for(window.class_names) if palette is not None else None
         metadata = DeployMetadata(
             class_names=tuple(window.class_names),
             input_size=(height, width),
@@ -156,6 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             prune_classes=prune,
             commit=git_commit(REPO),
             weights=cfg.MODEL.WEIGHTS,
+            ignore_label=ignore_value(dataset),
+            class_colors=None if colors is None else tuple(map(tuple, colors[:, ::-1].tolist())),
         )
         start = time.perf_counter()
         export_onnx(window, args.output, metadata)

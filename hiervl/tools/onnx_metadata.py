@@ -17,6 +17,9 @@ Keys (all strings; lists and sizes as JSON):
 ``hiervl.prune_classes``   "true" when HSQG-pruned classes score 0
 ``hiervl.commit``          the exporting commit (``git rev-parse HEAD``) or "unknown"
 ``hiervl.weights``         the checkpoint exported ("" for an untrained model)
+``hiervl.ignore_label``    label-map value of unlabelled pixels (the dataset's, 255)
+``hiervl.class_colors``    the dataset's colours (K RGB triples) when the vocabulary is its
+                           class list, else null (the demo then generates colours)
 =========================  =============================================================
 """
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 __all__ = ["FORMAT_VERSION", "INPUT_NAME", "OUTPUT_NAME", "DeployMetadata"]
 
@@ -43,6 +46,8 @@ REQUIRED = (
     "prune_classes",
     "commit",
     "weights",
+    "ignore_label",
+    "class_colors",
 )
 
 
@@ -58,6 +63,8 @@ class DeployMetadata:
     prune_classes: bool
     commit: str
     weights: str
+    ignore_label: int = 255
+    class_colors: Optional[Tuple[Tuple[int, int, int], ...]] = None
     input_format: str = "RGB"
 
     def __post_init__(self):
@@ -74,6 +81,13 @@ class DeployMetadata:
                 f"metadata: pixel_mean {list(self.pixel_mean)} / pixel_std "
                 f"{list(self.pixel_std)} must be 3 values each, std > 0"
             )
+        if not 0 <= self.ignore_label <= 255:
+            raise ValueError(f"metadata: ignore_label {self.ignore_label} is not 8-bit")
+        if self.class_colors is not None and (
+            len(self.class_colors) != len(self.class_names)
+            or any(len(c) != 3 for c in self.class_colors)
+        ):
+            raise ValueError(f"metadata: class_colors must be {len(self.class_names)} RGB triples")
         if self.input_format != "RGB":
             raise ValueError(f"metadata: input_format {self.input_format!r} is not 'RGB'")
 
@@ -90,6 +104,10 @@ class DeployMetadata:
             "prune_classes": "true" if self.prune_classes else "false",
             "commit": self.commit,
             "weights": self.weights,
+            "ignore_label": str(self.ignore_label),
+            "class_colors": json.dumps(
+                None if self.class_colors is None else [list(c) for c in self.class_colors]
+            ),
         }
         return {PREFIX + k: v for k, v in values.items()}
 
@@ -111,6 +129,7 @@ class DeployMetadata:
         try:
             names: List[str] = json.loads(props[PREFIX + "class_names"])
             size = json.loads(props[PREFIX + "input_size"])
+            colors = json.loads(props[PREFIX + "class_colors"])
             return cls(
                 class_names=tuple(str(n) for n in names),
                 input_size=(int(size[0]), int(size[1])),
@@ -120,6 +139,10 @@ class DeployMetadata:
                 prune_classes=props[PREFIX + "prune_classes"] == "true",
                 commit=props[PREFIX + "commit"],
                 weights=props[PREFIX + "weights"],
+                ignore_label=int(props[PREFIX + "ignore_label"]),
+                class_colors=None
+                if colors is None
+                else tuple(tuple(int(v) for v in c) for c in colors),
                 input_format=props[PREFIX + "input_format"],
             )
         except (ValueError, TypeError, IndexError, json.JSONDecodeError) as e:

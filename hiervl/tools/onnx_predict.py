@@ -4,11 +4,13 @@
         --output overlays/ --save-masks masks/ [--confidence-threshold 0.5]
 
 No torch and no detectron2 is imported (tests/tools/test_export.py checks it). Writes
-what the demo (``demo/demo.py``) writes: overlays drawn by the demo's
-:class:`~hiervl.demo.visualizer.SemanticVisualizer` (``--output``, a file for one input
-or a folder, the same names), and label maps (``--save-masks DIR``): ``DIR/<stem>.png``,
-single channel at the input's size, value = class index, ``IGNORE_VALUE`` (255) where
-``--confidence-threshold`` leaves the pixel unlabelled.
+what the demo (``demo/demo.py``) writes, with its own code: overlays drawn by
+:class:`~hiervl.demo.visualizer.SemanticVisualizer` with the dataset's colours stored in
+the file (``--output``, a file for one input or a folder, the same names), and label maps
+by :class:`~hiervl.demo.label_maps.LabelMapWriter` (``--save-masks DIR``, one
+single-channel PNG per input at its size, value = class index, the stored ignore value
+(255) where ``--confidence-threshold`` leaves the pixel unlabelled; ``--save-overlays``
+adds ``<name>_overlay.jpg`` beside each).
 
 Inference mirrors the evaluator's sliding window (``hiervl/evaluation/sliding_window.py``)
 with the exported window: windows every ``stride`` pixels (the last one flush with the
@@ -36,27 +38,17 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 import tqdm
-from PIL import Image
 
 from hiervl.data.image_io import read_image
+from hiervl.demo.label_maps import LabelMapWriter
 from hiervl.demo.runner import DemoFailure, expand_inputs, image_output_paths
-from hiervl.demo.visualizer import UNLABELED, SemanticVisualizer
+from hiervl.demo.visualizer import UNLABELED, DatasetPalette, SemanticVisualizer
 from hiervl.tools.onnx_metadata import INPUT_NAME, DeployMetadata
 
 logger = logging.getLogger("hiervl.tools.onnx_predict")
 
-__all__ = [
-    "IGNORE_VALUE",
-    "OnnxSegmenter",
-    "bilinear_matrix",
-    "mask_paths",
-    "probabilities",
-    "window_starts",
-    "write_label_png",
-]
+__all__ = ["OnnxSegmenter", "bilinear_matrix", "probabilities", "window_starts"]
 
-# Label-map value of unlabelled pixels (the datasets' ignore label).
-IGNORE_VALUE = 255
 # HierVLModel.semantic_probs' floor of the per-pixel score sum.
 PROB_EPS = 1e-6
 
@@ -194,41 +186,17 @@ class OnnxSegmenter:
         return OnnxPrediction(scores=scores, labels=labels, confidence=confidence)
 
 
-def write_label_png(path: str, labels: np.ndarray, num_classes: int) -> None:
-    """(H,W) class indices (``UNLABELED`` allowed) → single-channel 8-bit PNG, unlabelled
-    pixels ``IGNORE_VALUE``."""
-    if num_classes > IGNORE_VALUE:
-        raise ValueError(
-            f"--save-masks writes 8-bit label maps: {num_classes} classes do not fit below "
-            f"the ignore value {IGNORE_VALUE}"
-        )
-    out = np.where(labels == UNLABELED, IGNORE_VALUE, labels).astype(np.uint8)
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    Image.fromarray(out, mode="L").save(path)
-
-
-def mask_paths(paths: Sequence[str], folder: str) -> List[str]:
-    """``folder/<stem>.png`` per input; repeated stems get ``_1``, ``_2``, ... as the
-    demo's output names do."""
-    taken, out = set(), []
-    for path in paths:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        name, n = stem + ".png", 1
-        while name in taken:
-            name, n = f"{stem}_{n}.png", n + 1
-        taken.add(name)
-        out.append(os.path.join(folder, name))
-    return out
-
-
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, metavar="FILE", help="exported .onnx file")
     parser.add_argument("--input", nargs="+", required=True, help="image files or glob patterns")
     parser.add_argument("--output", help="file (one input) or folder for the overlays")
     parser.add_argument("--save-masks", metavar="DIR", help="folder for the label-map PNGs")
+    parser.add_argument(
+        "--save-overlays",
+        action="store_true",
+        help="with --save-masks, also write <name>_overlay.jpg beside each label map",
+    )
     parser.add_argument(
         "--confidence-threshold",
         type=float,
@@ -243,19 +211,21 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _segment_one(segmenter, visualizer, path, overlay_path, mask_path) -> OnnxPrediction:
+def _segment_one(segmenter, visualizer, path, overlay_path, masks) -> OnnxPrediction:
     rgb = read_image(path, format="RGB")
     prediction = segmenter(rgb)
-    if overlay_path is not None:
+    overlay = None
+    if overlay_path is not None or (masks is not None and masks.overlays):
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
         overlay = visualizer.draw(bgr, prediction.labels, segmenter.class_names)
+    if overlay_path is not None:
         folder = os.path.dirname(overlay_path)
         if folder:
             os.makedirs(folder, exist_ok=True)
         if not cv2.imwrite(overlay_path, overlay):
             raise ValueError(f"cannot write {overlay_path!r}")
-    if mask_path is not None:
-        write_label_png(mask_path, prediction.labels, len(segmenter.class_names))
+    if masks is not None:
+        masks.write(path, prediction.labels, rgb.shape[:2], overlay)
     return prediction
 
 
@@ -265,20 +235,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if not args.output and not args.save_masks:
             raise ValueError("nothing to write: pass --output and/or --save-masks")
+        if args.save_overlays and not args.save_masks:
+            raise ValueError("--save-overlays writes beside the label maps: add --save-masks DIR")
         segmenter = OnnxSegmenter(
             args.model,
             stride=args.stride,
             confidence_threshold=args.confidence_threshold,
             threads=args.threads,
         )
-        visualizer = SemanticVisualizer(alpha=args.alpha)
+        meta = segmenter.meta
+        palette = None
+        if meta.class_colors is not None:
+            palette = DatasetPalette(meta.class_names, meta.class_colors)
+        visualizer = SemanticVisualizer(alpha=args.alpha, palette=palette)
         paths, failures = expand_inputs(args.input)
         overlays = image_output_paths(paths, args.output) if args.output else [None] * len(paths)
-        masks = mask_paths(paths, args.save_masks) if args.save_masks else [None] * len(paths)
+        masks = None
+        if args.save_masks:
+            masks = LabelMapWriter(
+                args.save_masks,
+                num_classes=len(meta.class_names),
+                ignore_label=meta.ignore_label,
+                overlays=args.save_overlays,
+                inputs=paths,
+            )
     except ValueError as e:
         logger.error("%s", e)
         return 1
-    meta = segmenter.meta
     logger.info(
         "%s: %d classes, window %dx%d, stride %d, commit %s",
         args.model,
@@ -288,10 +271,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         meta.commit,
     )
     done = 0
-    for path, overlay, mask in zip(tqdm.tqdm(paths, desc="images", unit="img"), overlays, masks):
+    for path, overlay in zip(tqdm.tqdm(paths, desc="images", unit="img"), overlays):
         start = time.perf_counter()
         try:
-            prediction = _segment_one(segmenter, visualizer, path, overlay, mask)
+            prediction = _segment_one(segmenter, visualizer, path, overlay, masks)
         except (ValueError, cv2.error) as e:
             logger.error("%s: %s", path, e)
             failures.append(DemoFailure(path, str(e)))

@@ -141,6 +141,21 @@ def test_onnxruntime_matches_eager_pytorch(model, tmp_path):
         assert delta <= 1e-4 and agree >= 0.999, (seed, delta, agree)
 
 
+def test_metadata_round_trip_and_errors():
+    colors = tuple((10 * k, 20, 30) for k in range(len(CLASSES)))
+    meta = DeployMetadata(**{**_metadata((64, 96)).__dict__, "class_colors": colors})
+    assert DeployMetadata.from_props(meta.to_props(), "f.onnx") == meta
+    with pytest.raises(ValueError, match="class_colors must be 6 RGB triples"):
+        DeployMetadata(**{**meta.__dict__, "class_colors": colors[:2]})
+    props = meta.to_props()
+    del props["hiervl.commit"]
+    with pytest.raises(ValueError, match=r"f\.onnx: not a HierVL export .*hiervl\.commit"):
+        DeployMetadata.from_props(props, "f.onnx")
+    props = {**meta.to_props(), "hiervl.input_size": "[64]"}
+    with pytest.raises(ValueError, match="f.onnx: malformed HierVL metadata"):
+        DeployMetadata.from_props(props, "f.onnx")
+
+
 def test_export_refuses_mismatched_metadata(model, tmp_path):
     window = StaticWindow(model=model, height=64, width=64)
     path = tmp_path / "x.onnx"

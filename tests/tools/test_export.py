@@ -102,6 +102,8 @@ def test_export_writes_metadata_and_matches_pytorch(exported, export_report):
     assert list(meta.pixel_mean) == list(cfg.MODEL.PIXEL_MEAN)
     assert list(meta.pixel_std) == list(cfg.MODEL.PIXEL_STD)
     assert meta.weights == cfg.MODEL.WEIGHTS and not meta.prune_classes
+    # Another vocabulary than the dataset's: no dataset colours, its ignore value.
+    assert meta.class_colors is None and meta.ignore_label == 255
     assert meta.commit == git_commit(REPO) and meta.commit != ""
     assert json.loads(props["hiervl.class_names"]) == VOCABULARY
 
@@ -151,6 +153,7 @@ def test_runner_without_torch_writes_the_demos_label_maps(exported, export_repor
     masks, overlays = tmp_path / "masks", tmp_path / "overlays"
     command = [sys.executable, "-c", BLOCKED_RUNNER, "--model", model_path, "--input"]
     command += [*big, small, rotated, "--output", str(overlays), "--save-masks", str(masks)]
+    command += ["--save-overlays"]
     command += ["--confidence-threshold", str(threshold)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -166,6 +169,8 @@ def test_runner_without_torch_writes_the_demos_label_maps(exported, export_repor
         assert (mask == expected).mean() >= 0.999
         overlay = read_image(str(overlays / os.path.basename(path)))
         assert overlay.shape == read_image(path).shape
+        beside = read_image(str(masks / f"{stem}_overlay.jpg"))  # the demo's --save-overlays
+        assert beside.shape == overlay.shape
     # Smaller than the window: enlarged inside, the mask at the input's own size.
     assert np.asarray(Image.open(masks / "small.png")).shape == (40, 48)
     # EXIF orientation applied as the project's reader does: displayed size 112 x 80.
