@@ -1,5 +1,6 @@
 """MSDeformAttn module and the ms_deform_attn dispatch: wiring, init, fallback, autocast."""
 
+import importlib
 import logging
 import math
 
@@ -9,7 +10,13 @@ import torch.nn.functional as F
 from msda_inputs import level_geometry, random_inputs
 
 import hiervl.ops._ext as ext
-from hiervl.ops import MSDeformAttn, kernel_status, ms_deform_attn, ms_deform_attn_reference
+from hiervl.ops import (
+    MSDeformAttn,
+    kernel_status,
+    ms_deform_attn,
+    ms_deform_attn_reference,
+    reference_kernel,
+)
 
 D_MODEL, HEADS, POINTS = 32, 4, 3
 SHAPES = [[6, 5], [3, 3], [2, 1]]
@@ -155,3 +162,32 @@ def test_mismatched_level_geometry_raises():
         m(query, ref, x[:, 1:], shapes, starts)
     with pytest.raises(ValueError, match="input_spatial_shapes"):
         m(query, ref, x, shapes[:2], starts[:2])
+
+
+def test_reference_kernel_block_and_tracing_use_the_reference_without_warning(monkeypatch, caplog):
+    """Inside ``reference_kernel()`` (ONNX export, benchmarks) and while torch traces, the
+    compiled kernel is never called, even where it is built, and nothing warns."""
+    m = _module()
+    inputs = _module_inputs()
+    expected = m(*inputs)
+
+    def compiled_kernel(*args):
+        raise AssertionError("the compiled kernel ran")
+
+    monkeypatch.setattr(ext, "compiled_available", lambda device=None: True)
+    # The submodule (its name is shadowed by the function in hiervl.ops).
+    module = importlib.import_module("hiervl.ops.ms_deform_attn")
+    monkeypatch.setattr(module.MSDeformAttnFunction, "apply", compiled_kernel)
+    with pytest.raises(AssertionError, match="compiled kernel ran"):
+        m(*inputs)  # the patch is live outside the block
+    assert not ext.reference_forced()
+    with caplog.at_level(logging.WARNING, logger=ext.__name__):
+        with reference_kernel():
+            with reference_kernel():  # nests
+                assert ext.reference_forced()
+            assert ext.reference_forced()
+            torch.testing.assert_close(m(*inputs), expected, rtol=1e-5, atol=1e-6)
+        traced = torch.jit.trace(m, inputs, check_trace=False)
+    assert not ext.reference_forced()
+    torch.testing.assert_close(traced(*inputs), expected, rtol=1e-5, atol=1e-6)
+    assert not [r for r in caplog.records if "reference" in r.getMessage()]
