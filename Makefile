@@ -1,7 +1,7 @@
 # HierVL developer commands. Everything a user needs starts here:
 #   make quickstart   set up if needed, train the tiny model on the built-in data, evaluate, demo
 #   make test         set up if needed, run the whole test suite (both stacks) and lint
-# Other targets: setup, setup-modern, lint, format, bench, clean.
+# Other targets: setup, setup-modern, lint, format, bench, gpu-suite, clean.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -35,7 +35,7 @@ find_python = $(strip $(shell \
 	  if [ -n "$$p" ]; then echo "$$p"; fi; \
 	fi))
 
-.PHONY: help setup setup-modern test test-main test-modern lint format quickstart bench clean
+.PHONY: help setup setup-modern test test-main test-modern lint format quickstart bench gpu-suite clean
 
 help:
 	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
@@ -118,6 +118,14 @@ quickstart: setup
 
 bench: setup
 	$(PY) benchmarks/bench_msdeformattn.py $(BENCH_ARGS)
+
+# Everything a GPU machine should check, in one run (benchmarks/README.md): builds the CUDA
+# op in place, tests and times it, trains and infers the full model; writes gpu_suite.md to
+# $(SUITE_OUT) ($OUT when set). Plain python + torch + open_clip: no venv, no detectron2.
+SUITE_PY  ?= python3
+SUITE_OUT ?= $(if $(OUT),$(OUT),output/gpu_suite)
+gpu-suite:
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(SUITE_PY) benchmarks/gpu_suite.py --out "$(SUITE_OUT)"
 
 clean:
 	rm -rf build *.egg-info hiervl/*.so hiervl/**/*.so $(VENV)/.op-stamp $(VENV_MODERN)/.op-stamp

@@ -6,7 +6,22 @@ dataset recipes live in the dataset base configs. ``tests/test_config.py`` fails
 when a key added here is read nowhere in the code.
 """
 
-from detectron2.config import CfgNode as CN
+try:
+    from detectron2.config import CfgNode as CN
+except ImportError:  # plain-torch use: benchmarks/gpu_suite.py reads the defaults without it
+
+    class CN(dict):
+        """Attribute-access dict standing in for detectron2's CfgNode (defaults only)."""
+
+        def __getattr__(self, name):
+            try:
+                return self[name]
+            except KeyError:
+                raise AttributeError(name) from None
+
+        def __setattr__(self, name, value):
+            self[name] = value
+
 
 # CLIP's image normalisation (open_clip OPENAI_DATASET_MEAN/STD) in 0..255 units.
 CLIP_PIXEL_MEAN = [122.7709383, 116.7460125, 104.09373615]
@@ -114,6 +129,15 @@ def _add_model(h: CN) -> None:
     h.MASK_HEAD.KERNEL_MLP_LAYERS = 3
     # Initial temperature of the text-embedding classifier (logits = scale * cos).
     h.MASK_HEAD.LOGIT_SCALE_INIT = 50.0
+
+    # --- Activation checkpointing (memory for compute; gradients are unchanged) ---
+    # Recompute a part's activations in the backward instead of keeping them: the ViT
+    # blocks of E_I^θ, the deformable encoder layers (+ their CMSAM), the decoder layers.
+    # benchmarks/RESULTS.md ("Activation checkpointing") gives what each saves and costs.
+    h.CHECKPOINTING = CN()
+    h.CHECKPOINTING.IMAGE_ENCODER = False
+    h.CHECKPOINTING.PIXEL_DECODER = False
+    h.CHECKPOINTING.DECODER = False
 
 
 def _add_losses(h: CN) -> None:
@@ -244,6 +268,11 @@ def _add_solver(s: CN) -> None:
     s.AMP.PRECISION = "bfloat16"
     # What to do when a loss is NaN/Inf: "stop" (raise, naming the term) or "skip" the step.
     s.NONFINITE_ACTION = "stop"
+    # Gradient accumulation: split each iteration's labelled and unlabelled batches into
+    # this many equal micro-batches, one forward/backward each, one optimizer step. The
+    # per-image terms give the full batch's gradient; terms normalised over the batch
+    # (mask counts, confident pixels) are normalised per micro-batch, as per GPU in DDP.
+    s.MICRO_BATCHES = 1
 
 
 def _add_test(t: CN) -> None:

@@ -58,6 +58,7 @@ def build_hiervl_model(cfg, class_names: Sequence[str]) -> HierVLModel:
         template=h.CLIP.TEMPLATE,
         class_names=class_names,
     )
+    towers.backbone.set_grad_checkpointing(h.CHECKPOINTING.IMAGE_ENCODER)
     clip_dim = towers.backbone.embed_dim
     if h.PIXEL_DECODER.CONV_DIM != h.DECODER.HIDDEN_DIM:
         raise ValueError(
@@ -92,6 +93,7 @@ def build_hiervl_model(cfg, class_names: Sequence[str]) -> HierVLModel:
         cmsam_dropout=h.CMSAM.DROPOUT,
         num_text_levels=h.HSQG.NUM_LEVELS,
         norm_groups=min(32, h.PIXEL_DECODER.CONV_DIM),
+        checkpointing=h.CHECKPOINTING.PIXEL_DECODER,
     )
     mask_head = DynamicMaskHead(
         hidden_dim=h.DECODER.HIDDEN_DIM,
@@ -113,6 +115,7 @@ def build_hiervl_model(cfg, class_names: Sequence[str]) -> HierVLModel:
         mask_head=mask_head,
         in_channels=h.PIXEL_DECODER.CONV_DIM,
         text_queries_enabled=h.DECODER.TEXT_QUERIES,
+        checkpointing=h.CHECKPOINTING.DECODER,
     )
     return HierVLModel(
         backbone=towers.backbone,

@@ -9,10 +9,14 @@ Compared with detectron2's ``SimpleTrainer.run_step`` this step
   (``SOLVER.NONFINITE_ACTION = "stop"``) or skips the step (``"skip"``).
 The model receives the batch with ``iteration`` and ``max_iter`` set, for the losses
 whose weight follows the schedule (MaskCLIP guidance).
+With ``SOLVER.MICRO_BATCHES`` = n > 1 the batch is split into n equal micro-batches, each
+forwarded and backpropagated with its loss divided by n, then one optimizer step is taken
+(gradient accumulation, ``_run_accumulated``).
 """
 
 import logging
 import time
+from contextlib import nullcontext
 
 import torch
 from detectron2.engine import SimpleTrainer
@@ -37,6 +41,7 @@ class SemiSupervisedStep(SimpleTrainer):
         seed: base seed of the per-iteration RNG.
         amp_precision: None (fp32), "bfloat16" or "float16".
         nonfinite_action: "stop" or "skip".
+        micro_batches: gradient-accumulation parts of each batch (1 = none).
     """
 
     def __init__(
@@ -49,8 +54,16 @@ class SemiSupervisedStep(SimpleTrainer):
         seed: int,
         amp_precision=None,
         nonfinite_action: str = "stop",
+        micro_batches: int = 1,
     ):
         super().__init__(model, data_loader, optimizer)
+        if (
+            not isinstance(micro_batches, int)
+            or isinstance(micro_batches, bool)
+            or micro_batches < 1
+        ):
+            raise ValueError(f"SOLVER.MICRO_BATCHES must be an int >= 1, got {micro_batches!r}")
+        self.micro_batches = micro_batches
         if nonfinite_action not in ("stop", "skip"):
             raise ValueError(
                 f"SOLVER.NONFINITE_ACTION must be 'stop' or 'skip', got {nonfinite_action!r}"
@@ -81,6 +94,8 @@ class SemiSupervisedStep(SimpleTrainer):
         torch.manual_seed(self.seed + 1_000_003 * self.iter + comm.get_rank())
         if isinstance(data, dict):
             data = dict(data, iteration=self.iter, max_iter=self.max_iter)
+        if self.micro_batches > 1:
+            return self._run_accumulated(data, data_time)
 
         with torch.autocast(
             device_type=self.device_type,
@@ -99,6 +114,64 @@ class SemiSupervisedStep(SimpleTrainer):
             losses.backward()
         self.after_backward()
         self._write_metrics(loss_dict, data_time)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+    # ------------------------------------------------------------------ accumulation
+    def _split(self, data):
+        """The batch as ``micro_batches`` equal parts: each stream of a named batch (a
+        plain list of labelled dicts, too) is cut into consecutive slices."""
+        n = self.micro_batches
+
+        def parts(items, key):
+            if len(items) % n:
+                raise ValueError(
+                    f"SOLVER.MICRO_BATCHES={n} does not divide the {len(items)} {key} images "
+                    "of a batch on this process (SOLVER.IMS_PER_BATCH_* / number of GPUs)"
+                )
+            size = len(items) // n
+            return [items[i * size : (i + 1) * size] for i in range(n)]
+
+        if not isinstance(data, dict):
+            return parts(data, "labelled")
+        streams = {
+            k: parts(v, "unlabelled" if k.startswith("unlabeled") else "labelled")
+            for k, v in data.items()
+            if isinstance(v, list)
+        }
+        return [dict(data, **{k: v[i] for k, v in streams.items()}) for i in range(n)]
+
+    def _run_accumulated(self, data, data_time: float) -> None:
+        """Forward + backward of each micro-batch (loss / n), one optimizer step. A
+        non-finite term in any part skips the whole step (or stops), as without parts.
+        Under DDP the gradients are all-reduced once, after the last part."""
+        n = self.micro_batches
+        totals = {}
+        self.optimizer.zero_grad()
+        for i, part in enumerate(self._split(data)):
+            defer_sync = i < n - 1 and hasattr(self.model, "no_sync")
+            with self.model.no_sync() if defer_sync else nullcontext():
+                with torch.autocast(
+                    device_type=self.device_type,
+                    dtype=self.amp_dtype or torch.float32,
+                    enabled=self.amp_dtype is not None,
+                ):
+                    loss_dict = self.model(part)
+                if not self._all_finite(loss_dict):
+                    self.optimizer.zero_grad()  # drop what the earlier parts accumulated
+                    return
+                losses = sum(loss_dict.values()) / n
+                if self.grad_scaler is not None:
+                    self.grad_scaler.scale(losses).backward()
+                else:
+                    losses.backward()
+            for k, v in loss_dict.items():
+                totals[k] = totals.get(k, 0) + v.detach() / n
+        self.after_backward()
+        self._write_metrics(totals, data_time)
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()

@@ -70,6 +70,7 @@ class HierVLTrainer(DefaultTrainer):
             seed=max(cfg.SEED, 0),
             amp_precision=cfg.SOLVER.AMP.PRECISION if cfg.SOLVER.AMP.ENABLED else None,
             nonfinite_action=cfg.SOLVER.NONFINITE_ACTION,
+            micro_batches=cfg.SOLVER.MICRO_BATCHES,
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = HierVLCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))

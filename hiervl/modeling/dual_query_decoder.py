@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hiervl.modeling.attention import MultiHeadAttention
 from hiervl.modeling.deformable_encoder import sine_position_encoding
@@ -99,6 +100,7 @@ class DualQueryDecoder(nn.Module):
         mask_head: nn.Module,
         in_channels: Optional[int] = None,
         text_queries_enabled: bool = True,
+        checkpointing: bool = False,
     ):
         """
         Args:
@@ -118,6 +120,9 @@ class DualQueryDecoder(nn.Module):
             text_queries_enabled: False = visual queries only (DECODER.TEXT_QUERIES; the
                 Mask2Former-style query set; classes are still scored against the text
                 embeddings). Needs ``num_visual_queries`` >= 1.
+            checkpointing: recompute each layer's attention and FFN in the backward instead
+                of storing their activations (CHECKPOINTING.DECODER); the mask-head
+                predictions, which the losses read, are kept.
         """
         super().__init__()
         for name, value, low in [
@@ -134,6 +139,7 @@ class DualQueryDecoder(nn.Module):
                 "DECODER.NUM_VISUAL_QUERIES is 0: the decoder would have no query at all"
             )
         self.text_queries_enabled = text_queries_enabled
+        self.checkpointing = checkpointing
         self.hidden_dim = hidden_dim
         self.num_layers = num_layers
         self.num_visual_queries = num_visual_queries
@@ -173,6 +179,13 @@ class DualQueryDecoder(nn.Module):
             for p in layers.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
+
+    def _layer(self, i, x, pos, cross_allowed, memory, memory_pos, self_allowed):
+        """Decoder layer ``i`` on queries ``x`` (B, Q, D): masked cross-attention to
+        ``memory``, self-attention, FFN."""
+        x = self.cross_attn[i](x, pos, cross_allowed, memory, memory_pos)
+        x = self.self_attn[i](x, pos, self_allowed)
+        return self.ffn[i](x)
 
     def _predict(self, x, mask_features, class_embed, attn_size):
         """Mask-head prediction for queries ``x`` (B, Q, D), plus the cross-attention mask
@@ -280,9 +293,11 @@ class DualQueryDecoder(nn.Module):
         predictions = [pred]
         for i in range(self.num_layers):
             f = i % self.num_feature_levels
-            x = self.cross_attn[i](x, pos, cross_allowed, memories[f], memory_pos[f])
-            x = self.self_attn[i](x, pos, self_allowed)
-            x = self.ffn[i](x)
+            args = (i, x, pos, cross_allowed, memories[f], memory_pos[f], self_allowed)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(self._layer, *args, use_reentrant=False)
+            else:
+                x = self._layer(*args)
             next_size = sizes[(i + 1) % self.num_feature_levels]
             pred, cross_allowed = self._predict(x, mask_features, class_embed, next_size)
             predictions.append(pred)

@@ -32,6 +32,7 @@ from typing import Dict, List, NamedTuple, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hiervl.modeling.cmsam import CMSAM
 from hiervl.modeling.deformable_encoder import (
@@ -86,6 +87,7 @@ class CMSAMPixelDecoder(nn.Module):
         cmsam_dropout: float,
         num_text_levels: int,
         norm_groups: int = 32,
+        checkpointing: bool = False,
     ):
         """
         Args:
@@ -101,6 +103,8 @@ class CMSAMPixelDecoder(nn.Module):
             cmsam_heads, cmsam_ffn_dim, cmsam_dropout: CMSAM sizes.
             num_text_levels: L of the text queries; must be F or 1.
             norm_groups: GroupNorm groups of every conv (Mask2Former uses 32).
+            checkpointing: recompute each encoder layer and its CMSAM in the backward
+                instead of storing their activations (CHECKPOINTING.PIXEL_DECODER).
         """
         super().__init__()
         unknown = [n for n in transformer_in_features if n not in input_shape]
@@ -135,6 +139,7 @@ class CMSAMPixelDecoder(nn.Module):
             )
         self.conv_dim = conv_dim
         self.num_text_levels = num_text_levels
+        self.checkpointing = checkpointing
 
         self.input_proj = nn.ModuleList()
         for name in self.encoder_features:
@@ -208,12 +213,15 @@ class CMSAMPixelDecoder(nn.Module):
         # Kept in float32 even under autocast: bf16 cannot resolve pixel centres of big maps.
         reference_points = reference_points[None].expand(batch, -1, -1, -1)
 
-        for i, layer in enumerate(self.encoder_layers):
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index)
-            if self.cmsam_enabled:
-                src, text_queries = self._align(
-                    self.cmsam_layers[i], src, pos, sizes, text_queries, text_active
+        for i in range(len(self.encoder_layers)):
+            args = (src, text_queries, pos, reference_points, spatial_shapes, level_start_index)
+            if self.checkpointing and torch.is_grad_enabled():
+                # Non-reentrant: keeps the RNG state for dropout and takes the ints as is.
+                src, text_queries = checkpoint(
+                    self._encoder_round, i, *args, sizes, text_active, use_reentrant=False
                 )
+            else:
+                src, text_queries = self._encoder_round(i, *args, sizes, text_active)
 
         multi_scale = [
             level.transpose(1, 2).reshape(batch, self.conv_dim, h, w)
@@ -226,6 +234,26 @@ class CMSAMPixelDecoder(nn.Module):
                 x + F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
             )
         return PixelDecoderOutput(self.mask_features(y), multi_scale, text_queries)
+
+    def _encoder_round(
+        self,
+        i: int,
+        src: torch.Tensor,
+        text_queries: torch.Tensor,
+        pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        sizes: List[int],
+        text_active: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Deformable encoder layer ``i``, then its CMSAM: (src', text_queries')."""
+        src = self.encoder_layers[i](src, pos, reference_points, spatial_shapes, level_start_index)
+        if self.cmsam_enabled:
+            src, text_queries = self._align(
+                self.cmsam_layers[i], src, pos, sizes, text_queries, text_active
+            )
+        return src, text_queries
 
     def _flatten_levels(
         self, features: Dict[str, torch.Tensor]

@@ -48,8 +48,14 @@ def build_model(
     cmsam_enabled: bool = True,
     num_visual_queries: int = 4,
     seed: int = 0,
+    checkpointing: bool = False,
+    dropout: float = 0.0,
 ) -> HierVLModel:
-    """A random-init tiny HierVL (train mode); every tapped ViT block feeds the pyramid."""
+    """A random-init tiny HierVL (train mode); every tapped ViT block feeds the pyramid.
+
+    ``checkpointing`` turns on activation checkpointing in the image encoder, the pixel
+    decoder and the decoder; ``dropout`` is the pixel decoder's, CMSAM's and the decoder's.
+    """
     torch.manual_seed(seed)
     towers = build_clip_towers(
         model_name="custom",
@@ -61,6 +67,7 @@ def build_model(
         template="a photo of a {}.",
         class_names=list(class_names),
     )
+    towers.backbone.set_grad_checkpointing(checkpointing)
     hsqg = HSQG(
         clip_dim=WIDTH,
         hidden_dim=WIDTH,
@@ -80,14 +87,15 @@ def build_model(
         num_heads=2,
         num_points=2,
         ffn_dim=2 * WIDTH,
-        dropout=0.0,
+        dropout=dropout,
         common_stride=4,
         cmsam_enabled=cmsam_enabled,
         cmsam_heads=2,
         cmsam_ffn_dim=2 * WIDTH,
-        cmsam_dropout=0.0,
+        cmsam_dropout=dropout,
         num_text_levels=num_levels,
         norm_groups=8,
+        checkpointing=checkpointing,
     )
     mask_head = DynamicMaskHead(
         hidden_dim=WIDTH,
@@ -105,8 +113,9 @@ def build_model(
         num_feature_levels=3,
         num_text_levels=num_levels,
         pre_norm=False,
-        dropout=0.0,
+        dropout=dropout,
         mask_head=mask_head,
+        checkpointing=checkpointing,
     )
     return HierVLModel(
         backbone=towers.backbone,

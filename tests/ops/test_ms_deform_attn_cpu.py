@@ -97,3 +97,22 @@ def test_inconsistent_geometry_is_rejected():
         _apply(value, torch.tensor([[4, 4]]), starts, locations, weights)
     with pytest.raises(RuntimeError, match="share one dtype"):
         _apply(value, shapes, starts, locations.float(), weights)
+
+
+@pytest.mark.parametrize("batch, queries", [(2, 0), (0, 5)])
+def test_empty_batch_or_queries_give_empty_outputs_and_zero_grads(batch, queries):
+    inputs = random_inputs(
+        batch=batch, shapes=[[3, 4], [2, 2]], heads=2, channels=3, queries=queries, points=2
+    )
+    out, grads = outputs_and_grads(_apply, inputs)
+    assert out.shape == (batch, queries, 6)
+    for grad, tensor in zip(grads, (inputs[0], inputs[3], inputs[4])):
+        assert grad.shape == tensor.shape and torch.count_nonzero(grad) == 0
+
+
+def test_empty_level_is_refused_with_its_index():
+    inputs = random_inputs(
+        batch=1, shapes=[[3, 4], [0, 5]], heads=2, channels=3, queries=4, points=2
+    )
+    with pytest.raises(RuntimeError, match=r"level 1 has shape \(0, 5\)"):
+        _apply(*inputs)

@@ -105,3 +105,36 @@ def test_module_under_autocast_on_cuda():
     assert (out16.float() - out32).abs().max() < 0.02 * out32.abs().max()
     out16.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("batch, queries", [(2, 0), (0, 5)])
+def test_empty_batch_or_queries_give_empty_outputs_and_zero_grads(batch, queries):
+    # A zero-block launch is a CUDA error: the kernel must not be launched at all.
+    inputs = random_inputs(
+        batch=batch, shapes=[[3, 4], [2, 2]], heads=2, channels=3, queries=queries, points=2,
+        dtype=torch.float32, device="cuda",
+    )  # fmt: skip
+    out, grads = outputs_and_grads(_apply, inputs)
+    torch.cuda.synchronize()
+    assert out.shape == (batch, queries, 6)
+    for grad, tensor in zip(grads, (inputs[0], inputs[3], inputs[4])):
+        assert grad.shape == tensor.shape and torch.count_nonzero(grad) == 0
+
+
+def test_empty_level_is_refused_with_its_index():
+    inputs = random_inputs(
+        batch=1, shapes=[[3, 4], [0, 5]], heads=2, channels=3, queries=4, points=2,
+        dtype=torch.float32, device="cuda",
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"level 1 has shape \(0, 5\)"):
+        _apply(*inputs)
+
+
+def test_samples_outside_every_level_read_zeros():
+    inputs = random_inputs(
+        batch=2, shapes=[[5, 4], [2, 3]], heads=2, channels=35, queries=6, points=2,
+        dtype=torch.float32, low=1.5, high=3.0, device="cuda",
+    )  # fmt: skip
+    out, grads = outputs_and_grads(_apply, inputs)
+    assert torch.count_nonzero(out) == 0
+    assert all(torch.count_nonzero(g) == 0 for g in grads)

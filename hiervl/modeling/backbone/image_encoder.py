@@ -96,6 +96,12 @@ class CLIPImageBackbone(nn.Module):
         """Token grid (h, w) of an H×W input; ``ValueError`` if the patch size does not divide."""
         return token_grid(self.visual, height, width)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each ViT block in the backward instead of storing its activations
+        (open_clip's switch, honoured by ``apply_block``; E_I^0 runs without grad and is
+        unaffected)."""
+        self.visual.set_grad_checkpointing(enable)
+
     def tap_tokens(self, images: torch.Tensor) -> List[torch.Tensor]:
         """Patch tokens after each block of ``out_indices``.
 
