@@ -47,6 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rss-limit-gib", type=float, default=12.0)
     p.add_argument("--extrapolate-to", type=int, default=8)
+    p.add_argument(
+        "--from-log",
+        nargs="+",
+        metavar="FILE",
+        help="print the tables from the case lines earlier runs wrote to stderr (no new runs)",
+    )
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: "B:precision:checkpointing"
     return p.parse_args(argv)
 
@@ -203,10 +209,27 @@ def print_tables(args, results: Dict[tuple, Dict[str, object]]) -> None:
                   f"| {state + added:.1f} |")  # fmt: skip
 
 
+def results_from_logs(args: argparse.Namespace) -> Dict[tuple, Dict[str, object]]:
+    """The case results in the given stderr logs (the last line of each case wins)."""
+    results: Dict[tuple, Dict[str, object]] = {}
+    for path in args.from_log:
+        with open(path) as f:
+            for line in f:
+                if line.startswith('{"case"'):
+                    entry = json.loads(line)
+                    results[tuple(entry.pop("case"))] = entry
+    args.precisions = list(dict.fromkeys(p for _, p, _ in results))
+    args.checkpointing = list(dict.fromkeys(m for _, _, m in results))
+    return dict(sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])))
+
+
 def main() -> None:
     args = parse_args()
     if args.case:
         print(json.dumps(run_case(args)))
+        return
+    if args.from_log:
+        print_tables(args, results_from_logs(args))
         return
     results: Dict[tuple, Dict[str, object]] = {}
     for precision in args.precisions:

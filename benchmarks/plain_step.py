@@ -161,20 +161,21 @@ def train_step(
     iteration: int = 0,
     max_iter: int = 1,
 ) -> Dict[str, float]:
-    """One optimizer step over the batch, like ``hiervl.engine.step``: forward under
-    autocast, gradients of the previous step freed only after the first forward (so they
-    count in the peak, as in the trainer), backward, AdamW. Returns the loss values."""
+    """One optimizer step over the batch, as ``hiervl.engine.step`` takes it: forward under
+    autocast, backward, AdamW. Without micro-batches the previous step's gradients are
+    freed only after the forward (so they count in the peak, as in the trainer); with them,
+    before the first part. Returns the loss values (the whole batch's)."""
     dtype = PRECISIONS[precision]
     device = labeled.images.device.type
     totals: Dict[str, float] = {}
-    for i, (lab, unlab) in enumerate(
-        zip(_chunks(labeled, micro_batches), _chunks(unlabeled, micro_batches))
-    ):
+    if micro_batches > 1:
+        trainee.optimizer.zero_grad(set_to_none=True)
+    for lab, unlab in zip(_chunks(labeled, micro_batches), _chunks(unlabeled, micro_batches)):
         with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
             losses = trainee.objective(
                 trainee.model, lab, unlab, iteration=iteration, max_iter=max_iter
             )
-        if i == 0:
+        if micro_batches == 1:
             trainee.optimizer.zero_grad(set_to_none=True)
         (sum(losses.values()) / micro_batches).backward()
         for k, v in losses.items():

@@ -10,8 +10,8 @@ def _losses_and_grads(checkpointing: bool, dtype: torch.dtype):
     """Weighted losses and parameter gradients of one semi-supervised step."""
     model = build_model(checkpointing=checkpointing, dropout=0.2).to(dtype).train()
     objective = build_objective().to(dtype)
-    labeled = labeled_batch(2)
-    unlabeled = unlabeled_batch(2)
+    labeled = labeled_batch(1)
+    unlabeled = unlabeled_batch(1)
     labeled = labeled._replace(images=labeled.images.to(dtype))
     unlabeled = unlabeled._replace(
         **{k: getattr(unlabeled, k).to(dtype) for k in ("weak", "strong1", "strong2")},
