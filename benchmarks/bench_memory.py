@@ -18,6 +18,7 @@ predicts more than that limit or than the memory available now (it is reported a
 with the prediction).
 
     nice -n 10 python benchmarks/bench_memory.py                       # the whole grid
+    python benchmarks/bench_memory.py --time-rounds 2 --batches 1 --size 256   # time cost
     python benchmarks/bench_memory.py --batches 1 --precisions fp32 --size 128   # quick
 """
 
@@ -47,6 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rss-limit-gib", type=float, default=12.0)
     p.add_argument("--extrapolate-to", type=int, default=8)
+    p.add_argument(
+        "--time-rounds",
+        type=int,
+        default=0,
+        help="instead of memory: time the step with checkpointing off and on, alternating in "
+        "one process (same weights), this many rounds after a warm-up round",
+    )
     p.add_argument(
         "--from-log",
         nargs="+",
@@ -121,6 +129,46 @@ def run_case(args: argparse.Namespace) -> Dict[str, object]:
     }
 
 
+def time_checkpointing(args: argparse.Namespace) -> None:
+    """Step times with every checkpoint switch off and on, alternating on one model (so a
+    slow spell of the machine hits both); the first round is a warm-up."""
+    import statistics
+
+    import torch
+    from plain_step import build_trainee, default_cfg, named_batch, timed, train_step
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    trainee = build_trainee(default_cfg(), "cpu")
+    batch = args.batches[0]
+    labeled, unlabeled = named_batch(batch, batch, args.size, 21, "cpu")
+    model = trainee.model
+    precision = args.precisions[0]
+    times = {"off": [], "all": []}
+    for round_ in range(args.time_rounds + 1):
+        for mode in times:
+            on = mode == "all"
+            model.backbone.set_grad_checkpointing(on)
+            model.pixel_decoder.checkpointing = model.decoder.checkpointing = on
+            seconds, _ = timed(
+                lambda: train_step(trainee, labeled, unlabeled, precision=precision), "cpu"
+            )
+            print(
+                f"round {round_} checkpointing {mode}: {seconds:.1f} s", file=sys.stderr, flush=True
+            )
+            if round_ > 0:
+                times[mode].append(seconds)
+    off, on = statistics.median(times["off"]), statistics.median(times["all"])
+    print(
+        f"\nstep time, {batch}+{batch} at {args.size}x{args.size}, {args.precisions[0]}, "
+        f"{args.threads} thread(s), median of {args.time_rounds} alternating rounds\n"
+    )
+    print("| checkpointing | step (s) | rounds (s) |\n|---|---:|---|")
+    for mode, value in (("off", off), ("all", on)):
+        print(f"| {mode} | {value:.1f} | {' '.join(f'{t:.1f}' for t in times[mode])} |")
+    print(f"\ncheckpointing costs {100 * (on / off - 1):+.0f}% step time")
+
+
 # ----------------------------------------------------------------------------- driver
 def mem_available_gib() -> Optional[float]:
     try:
@@ -187,7 +235,7 @@ def print_tables(args, results: Dict[tuple, Dict[str, object]]) -> None:
         added = r["added_mib"] / 1024
         print(f"{label} {r['step_s']:.1f} | {r['rss_before_mib'] / 1024:.2f} | {added:.2f} "
               f"| {state:.2f} | {state + added:.2f} |")  # fmt: skip
-    print(f"\nlinear trend added = a + b·B per image pair; extrapolated to "
+    print(f"\nlinear trend added = a + b·B, B image pairs (least squares); extrapolated to "
           f"{args.extrapolate_to}+{args.extrapolate_to}\n")  # fmt: skip
     print(
         "| precision | checkpointing | batches measured | a (GiB) | b (GiB/pair) "
@@ -198,13 +246,16 @@ def print_tables(args, results: Dict[tuple, Dict[str, object]]) -> None:
         for mode in args.checkpointing:
             points = [r for (_, p, m), r in results.items()
                       if p == precision and m == mode and "added_mib" in r]  # fmt: skip
-            line = fit(points)
-            if line is None:
+            if not points:
                 continue
+            line = fit(points)
+            batches = ",".join(str(p["batch"]) for p in points)
+            if line is None:  # one batch size: activations taken proportional to it
+                line = (0.0, points[0]["added_mib"] / points[0]["batch"])
+                batches += " (a = 0 assumed)"
             a, b = line[0] / 1024, line[1] / 1024
             added = a + b * args.extrapolate_to
             state = sum(points[0]["state_mib"].values()) / 1024
-            batches = ",".join(str(p["batch"]) for p in points)
             print(f"| {precision} | {mode} | {batches} | {a:.2f} | {b:.2f} | {added:.1f} "
                   f"| {state + added:.1f} |")  # fmt: skip
 
@@ -230,6 +281,9 @@ def main() -> None:
         return
     if args.from_log:
         print_tables(args, results_from_logs(args))
+        return
+    if args.time_rounds:
+        time_checkpointing(args)
         return
     results: Dict[tuple, Dict[str, object]] = {}
     for precision in args.precisions:
