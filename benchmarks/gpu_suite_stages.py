@@ -53,7 +53,7 @@ class Sizes:
         self.image = (512, 1024) if gpu else (64, 128)  # inference: 3 windows of the crop
         self.infer_iters = 5 if gpu else 1
         self.op = {"image_size": 512, "batch": 8, "repeats": 10, "warmup": 2} if gpu else {
-            "image_size": 64, "batch": 1, "repeats": 1, "warmup": 0}  # fmt: skip
+            "image_size": 64, "batch": 1, "repeats": 1, "warmup": 1}  # fmt: skip
         # (model, precision, checkpointing, images per stream, micro-batches), most
         # important first; the CPU run keeps one of each kind.
         self.train_cases = [
