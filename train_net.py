@@ -11,14 +11,15 @@
 ``--num-machines``, ``--machine-rank`` and ``--dist-url`` span several machines.
 ``--check-data`` checks the datasets of the config instead of training (the same check
 as ``python -m hiervl.data.check``; it writes ``OUTPUT_DIR/check.png``).
+Exit status 1 (and a one-line ``ERROR: ...``) for a bad config, checkpoint or input.
 """
 
 import sys
 
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 
 from hiervl.data.check import check_and_report
-from hiervl.engine.launcher import main
+from hiervl.engine.launcher import run
 
 if __name__ == "__main__":
     parser = default_argument_parser()
@@ -30,11 +31,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.check_data:
         sys.exit(check_and_report(args.config_file, args.opts, output=None))
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    sys.exit(run(args))

@@ -7,12 +7,11 @@ import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
 import hiervl.meta_arch  # noqa: F401  (registers HierVL)
-from hiervl.config import add_hiervl_config
+from hiervl.config_loader import load_config
 from hiervl.data.datasets import register_all
 from hiervl.data.datasets.custom import register_custom_from_cfg
 from hiervl.engine.checkpoint import HierVLCheckpointer
@@ -355,8 +354,7 @@ def test_configs_are_found():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, REPO))
 def test_config_loads_and_names_registered_datasets(path, tmp_path):
-    cfg = add_hiervl_config(get_cfg())
-    cfg.merge_from_file(path)
+    cfg = load_config(path)  # the loader every entry point uses
     assert cfg.MODEL.META_ARCHITECTURE == "HierVL"
     registered = set(register_all(str(tmp_path)))
     if cfg.DATASETS.CUSTOM.NAME:

@@ -1,27 +1,54 @@
-"""Checkpointing: atomic writes and strict, clearly-reported loading.
+"""Checkpointing: atomic writes, one safe reader, strict and clearly-reported loading.
 
 detectron2's checkpointer writes files in place (a crash mid-write leaves a truncated
-``model_XXXX.pth`` that ``last_checkpoint`` may point to) and only *logs* weights that
-do not fit the model. HierVL writes to a temporary file in the same folder and renames
-it, and refuses to continue from a checkpoint built for another architecture.
+``model_XXXX.pth`` that ``last_checkpoint`` may point to), unpickles what it reads (a
+checkpoint could run code) and only *logs* weights that do not fit the model. HierVL
+- writes to a temporary file in the same folder and renames it; the file gets the mode
+  the process umask gives any new file (``tempfile.mkstemp`` would make it 0600), and a
+  temporary left by a killed save (``.tmp-*.pth``, as large as a checkpoint) is removed
+  at the next save;
+- checks before saving that the checkpoint holds only tensors and plain containers, and
+  reads every checkpoint with :func:`hiervl.checkpoint_io.read_checkpoint`
+  (``weights_only`` or safetensors; pickled objects, ``.pkl`` files and TorchScript are
+  refused, naming the file);
+- refuses to continue from a checkpoint built for another architecture.
 """
 
+import glob
+import logging
 import os
-import tempfile
-from typing import Any
+import uuid
+from typing import Any, Callable
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from hiervl.checkpoint_io import (
+    CheckpointError,
+    check_checkpoint_file,
+    check_plain,
+    read_checkpoint,
+)
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` through a temporary file + ``os.replace``."""
+logger = logging.getLogger(__name__)
+
+# Temporaries of atomic_torch_save (and of its earlier mkstemp version).
+STALE_TEMPORARY_PATTERN = ".tmp-*.pth"
+
+
+def _atomic_write(path: str, write: Callable[[Any], None], mode: str, suffix: str) -> None:
+    """``write(file)`` into a temporary next to ``path``, then rename it to ``path``.
+
+    The temporary is created like any new file (0666 minus the umask), so the result has
+    the permissions a plain ``open(path, "w")`` would give it.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:12]}{suffix}")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -31,19 +58,34 @@ def atomic_torch_save(obj: Any, path: str) -> None:
         raise
 
 
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` through a temporary file + ``os.replace``."""
+    _atomic_write(path, lambda f: torch.save(obj, f), "wb", ".pth")
+
+
 def atomic_write_text(text: str, path: str) -> None:
-    """Write a small text file atomically."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write a small text file atomically (same permissions as a plain write)."""
+    _atomic_write(path, lambda f: f.write(text), "w", ".txt")
+
+
+def remove_stale_temporaries(folder: str) -> int:
+    """Delete ``.tmp-*.pth`` files a killed save left in ``folder``; returns how many.
+
+    Only the main process of a run saves into its OUTPUT_DIR, one checkpoint at a time,
+    so when a save starts every such file there is a leftover.
+    """
+    removed = 0
+    for path in glob.glob(os.path.join(glob.escape(folder), STALE_TEMPORARY_PATTERN)):
+        try:
+            size = os.path.getsize(path)
+            os.remove(path)
+        except FileNotFoundError:
+            continue
+        removed += 1
+        logger.warning(
+            "Removed %s (%.1f MB), left by an interrupted checkpoint save", path, size / 1e6
+        )
+    return removed
 
 
 class HierVLCheckpointer(DetectionCheckpointer):
@@ -68,7 +110,10 @@ class HierVLCheckpointer(DetectionCheckpointer):
             data[key] = obj.state_dict()
         data.update(kwargs)
         basename = f"{name}.pth"
+        # What is saved must load with weights_only (checked here, not at the resume).
+        check_plain(data, where=f"checkpoint {basename}")
         save_file = os.path.join(self.save_dir, basename)
+        remove_stale_temporaries(self.save_dir)
         self.logger.info(f"Saving checkpoint to {save_file}")
         atomic_torch_save(data, save_file)
         self.tag_last_checkpoint(basename)
@@ -76,11 +121,45 @@ class HierVLCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         atomic_write_text(last_filename_basename, os.path.join(self.save_dir, "last_checkpoint"))
 
+    def get_checkpoint_file(self) -> str:
+        path = super().get_checkpoint_file()
+        if path and not os.path.exists(path):
+            tag = os.path.join(self.save_dir, "last_checkpoint")
+            raise CheckpointError(
+                f"cannot resume: {tag} names {os.path.basename(path)}, which does not exist "
+                f"in {self.save_dir} (restore it, or delete {tag} to start from scratch)"
+            )
+        return path
+
     def load(self, path: str, *args, **kwargs):
-        if path and not os.path.isfile(path) and "://" not in path:
-            raise ValueError(f"checkpoint not found: MODEL.WEIGHTS / resume path {path!r}")
+        if path and "://" not in path:
+            check_checkpoint_file(path)
         self._loading_path = path
         return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename: str):
+        """The checkpoint as ``{"model": state_dict, ...}``, read without unpickling objects.
+
+        A bare state dict (``torch.save(model.state_dict())``, a ``.safetensors`` file) is
+        taken as the model's weights, as detectron2 does.
+        """
+        loaded = read_checkpoint(filename)
+        if not isinstance(loaded, dict):
+            raise CheckpointError(
+                f"cannot read checkpoint {filename}: it holds a {type(loaded).__name__}, "
+                "not a dict of weights"
+            )
+        if "model" not in loaded:
+            loaded = {"model": loaded}
+        model = loaded["model"]
+        if not isinstance(model, dict) or not all(
+            isinstance(v, torch.Tensor) for v in model.values()
+        ):
+            raise CheckpointError(
+                f"cannot read checkpoint {filename}: its 'model' entry is not a state dict "
+                "of tensors"
+            )
+        return loaded
 
     def _load_model(self, checkpoint: Any):
         incompatible = super()._load_model(checkpoint)

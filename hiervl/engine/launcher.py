@@ -2,14 +2,14 @@
 
 import logging
 import os
+import sys
 
 import torch
-from detectron2.config import get_cfg
-from detectron2.engine import default_setup
+from detectron2.engine import default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from hiervl.config import add_hiervl_config
+from hiervl.config_loader import load_config
 from hiervl.data.datasets import register_all
 from hiervl.data.datasets.custom import drop_absent_val, register_custom_from_cfg
 from hiervl.engine.checkpoint import HierVLCheckpointer
@@ -20,11 +20,9 @@ logger = logging.getLogger(__name__)
 
 
 def setup_cfg(config_file: str, opts=None, *, args=None):
-    """Build the frozen config (defaults → file → ``opts``) and register the datasets."""
-    cfg = add_hiervl_config(get_cfg())
-    if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts or []))
+    """Build the frozen config (defaults → file → ``opts``, through the one config loader
+    :func:`hiervl.config_loader.load_config`) and register the datasets."""
+    cfg = load_config(config_file, opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning(
             "MODEL.DEVICE is %r but no GPU is visible: running on the CPU", cfg.MODEL.DEVICE
@@ -83,3 +81,27 @@ def main(args):
     trainer = HierVLTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
+
+
+def run(args) -> int:
+    """``train_net.py``: check the config in this process first, then start the processes.
+
+    A config mistake is then one line on stderr (exit status 1) before any worker starts.
+    With one process, a user error raised later (``ValueError``: a checkpoint, an image,
+    a dataset) and a non-finite loss also end with their one-line message, after the
+    trainer's log.
+    """
+    try:
+        load_config(args.config_file, args.opts)
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except (ValueError, FloatingPointError) as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -5,10 +5,11 @@
 built from ``MODEL.HIERVL.CLIP.CUSTOM`` (keys of :data:`CUSTOM_KEYS`, any case).
 ``MODEL.HIERVL.CLIP.PRETRAINED`` is an open_clip pretrained tag ("openai"), a path
 to a local checkpoint (a state dict, optionally under "state_dict" and/or with a
-"module." prefix; ``.safetensors``; or OpenAI's TorchScript archive — use the
-"-quickgelu" architecture for OpenAI weights given as a file), or "" for random
-initialisation. Every failure to get the requested weights is a
-``ValueError`` naming the tag or path.
+"module." prefix, or ``.safetensors``), read by :func:`hiervl.checkpoint_io.read_checkpoint`
+(weights only: OpenAI's TorchScript ``ViT-B-16.pt`` holds code and is refused; save its
+``state_dict()`` once, see INSTALL.md, and use the "-quickgelu" architecture for OpenAI
+weights given as a file), or "" for random initialisation. Every failure to get the
+requested weights is a ``ValueError`` naming the tag or path.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
+
+from hiervl.checkpoint_io import read_checkpoint
 
 from .clip_download import require_tag_weights
 
@@ -43,7 +46,7 @@ CUSTOM_KEYS = (
     "context_length",
 )
 _SCHEMAS = ("hf-hub:", "local-dir:")
-# Non-parameter entries of OpenAI's TorchScript checkpoints.
+# Non-parameter entries of OpenAI's TorchScript checkpoints (kept by their state_dict()).
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 # Entries stored as scalars by some checkpoints and as (1,) by others.
 _RESHAPEABLE_KEYS = ("logit_scale", "logit_bias")
@@ -101,26 +104,8 @@ def custom_clip_config(custom: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file; ``ValueError`` naming ``path`` if it cannot be read."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path, device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except ImportError as err:
-        raise ValueError(
-            f"cannot read CLIP checkpoint {path!r}: safetensors is not installed"
-        ) from err
-    except Exception as err:
-        # Unpickling arbitrary bytes fails with almost any exception type (IndexError,
-        # KeyError, UnpicklingError, RuntimeError from the zip reader, ...).
-        raise ValueError(
-            f"cannot read CLIP checkpoint {path!r}: {type(err).__name__}: {err}"
-        ) from err
-    if isinstance(state, torch.jit.ScriptModule):
-        state = {k: v for k, v in state.state_dict().items() if k not in _JIT_EXTRA_KEYS}
+    """Tensors of a checkpoint file (the one safe reader); ``ValueError`` naming ``path``."""
+    state = read_checkpoint(path, what="CLIP checkpoint")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if (
@@ -129,6 +114,8 @@ def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
     ):
         raise ValueError(f"CLIP checkpoint {path!r} does not hold a state dict of tensors")
+    # A TorchScript model's state_dict() (OpenAI's files, converted) carries these too.
+    state = {k: v for k, v in state.items() if k not in _JIT_EXTRA_KEYS}
     if all(key.startswith("module.") for key in state):  # saved from DataParallel/DDP
         state = {key[len("module.") :]: value for key, value in state.items()}
     return state
