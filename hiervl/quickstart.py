@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from typing import Dict, List, Sequence
 
@@ -25,6 +26,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
+from hiervl.data.image_io import read_image, read_mask
 from hiervl.demo.visualizer import DatasetPalette, SemanticVisualizer
 from hiervl.engine.checkpoint import atomic_write_text
 from hiervl.engine.launcher import setup_cfg
@@ -52,7 +54,7 @@ def train_and_evaluate(config: str, opts: Sequence[str], output_dir: str):
 
 
 def _label_map(record: dict) -> np.ndarray:
-    return cv2.imread(record["sem_seg_file_name"], cv2.IMREAD_UNCHANGED).astype(np.int64)
+    return read_mask(record["sem_seg_file_name"]).astype(np.int64)
 
 
 def majority_baseline(labeled_name: str, val_name: str, num_classes: int) -> Dict[str, float]:
@@ -91,7 +93,7 @@ def demo_picture(model, cfg, val_name: str, path: str, count: int = DEMO_IMAGES)
     rows = []
     model.eval()
     for record in DatasetCatalog.get(val_name)[:count]:
-        bgr = cv2.imread(record["file_name"], cv2.IMREAD_COLOR)
+        bgr = read_image(record["file_name"], format="BGR")
         rgb = torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1)))
         with torch.no_grad():
             scores = model([{"image": rgb, "height": bgr.shape[0], "width": bgr.shape[1]}])
@@ -182,5 +184,16 @@ def main(argv: List[str] = None) -> Dict[str, dict]:
     return metrics
 
 
+def cli(argv: List[str] = None) -> int:
+    """``python -m hiervl.quickstart``: exit status 1 with a one-line message for a user
+    error (a config key, a checkpoint, an image file) or a non-finite loss."""
+    try:
+        main(argv)
+    except (ValueError, FloatingPointError) as e:
+        logger.error("%s", e)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -6,10 +6,12 @@
   label file, whatever the input dict holds.
 * ``InferenceMapper`` — evaluation: the image at its own size (+ its label when known).
 
-Shape letters: H, W the image as stored; h, w the training crop (INPUT.CROP.SIZE as
-(h, w); the rescaled image when cropping is off). Images are RGB ``uint8`` tensors; the
-model normalises them. "height"/"width" in the outputs are the stored image's size
-(detectron2's convention: the resolution predictions are returned at).
+Shape letters: H, W the image as displayed (EXIF orientation applied, the size dataset
+records hold); h, w the training crop (INPUT.CROP.SIZE as (h, w); the rescaled image when
+cropping is off). Images are RGB ``uint8`` tensors; the model normalises them. Every file
+is read by :mod:`hiervl.data.image_io`: images oriented, masks as stored (never rotated).
+"height"/"width" in the outputs are the image's size (detectron2's convention: the
+resolution predictions are returned at).
 
 Randomness: ``__call__(dataset_dict, rng)`` draws everything from ``rng``; the two-stream
 loader seeds it from (global seed, stream, sample position), which makes a sample's
@@ -21,8 +23,8 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data.detection_utils import check_image_size, read_image
 
+from hiervl.data import image_io
 from hiervl.data.augment import (
     random_crop_with_pad,
     random_rescale,
@@ -40,34 +42,41 @@ SUPPORTED_FORMAT = "RGB"
 
 
 def read_rgb(file_name: str) -> np.ndarray:
-    """Read an image file as an (H, W, 3) uint8 RGB array."""
-    return read_image(file_name, format=SUPPORTED_FORMAT)
+    """An image file as (H, W, 3) uint8 RGB, EXIF orientation applied (the one reader,
+    :func:`hiervl.data.image_io.read_image`; a truncated file is an error naming it)."""
+    return image_io.read_image(file_name, format=SUPPORTED_FORMAT)
 
 
 def read_label(file_name: str) -> np.ndarray:
-    """Read a label PNG as an (H, W) array of class ids.
+    """A label PNG as an (H, W) array of class ids: the stored values (palette PNGs, e.g.
+    VOC, give their indices), never rotated (:func:`hiervl.data.image_io.read_mask`)."""
+    return image_io.read_mask(file_name)
 
-    The file's raw values are kept (format=None), so palette PNGs (e.g. VOC) give their
-    indices, not palette colours converted to grey.
-    """
-    label = read_image(file_name, format=None)
-    if label.ndim == 3 and label.shape[2] == 1:
-        label = label[:, :, 0]
-    if label.ndim != 2:
-        raise ValueError(
-            f"label file {file_name} has shape {label.shape}; expected a single-channel "
-            "image of class ids (convert colour-coded masks with the dataset's prepare script)"
-        )
-    return label
+
+def check_record_size(dataset_dict: Dict[str, Any], image: np.ndarray) -> None:
+    """The image read has the (height, width) its dataset record says (records hold the
+    oriented size, :func:`hiervl.data.image_io.image_size`); else a ValueError naming it.
+    A record without them gets the image's (in place, as detectron2's check does)."""
+    dataset_dict.setdefault("height", image.shape[0])
+    dataset_dict.setdefault("width", image.shape[1])
+    expected = (dataset_dict["height"], dataset_dict["width"])
+    if expected == image.shape[:2]:
+        return
+    raise ValueError(
+        f"image {dataset_dict['file_name']} is {image.shape[1]}x{image.shape[0]} (width x "
+        f"height, EXIF orientation applied) but its dataset record says {expected[1]}x"
+        f"{expected[0]}: the file changed after the dataset was registered?"
+    )
 
 
 def _read_matching_label(dataset_dict: Dict[str, Any], image: np.ndarray) -> np.ndarray:
-    """Read the dict's label and check it has the image's (H, W)."""
+    """Read the dict's label and check it has the (oriented) image's (H, W)."""
     label = read_label(dataset_dict["sem_seg_file_name"])
     if label.shape != image.shape[:2]:
         raise ValueError(
-            f"label {dataset_dict['sem_seg_file_name']} is {label.shape[1]}x{label.shape[0]} "
-            f"but image {dataset_dict['file_name']} is {image.shape[1]}x{image.shape[0]}"
+            f"mask {dataset_dict['sem_seg_file_name']} is {label.shape[1]}x{label.shape[0]} "
+            f"but image {dataset_dict['file_name']} is {image.shape[1]}x{image.shape[0]} "
+            "(width x height, EXIF orientation applied; masks are never rotated)"
         )
     return label
 
@@ -187,7 +196,7 @@ class LabeledMapper:
         rng = np.random.default_rng() if rng is None else rng
         dataset_dict = dict(dataset_dict)
         image = read_rgb(dataset_dict["file_name"])
-        check_image_size(dataset_dict, image)
+        check_record_size(dataset_dict, image)
         label = _read_matching_label(dataset_dict, image)
         image, label, _ = self.geometry(image, label, rng)
         return {
@@ -278,7 +287,7 @@ class UnlabeledMapper:
         # Only these fields are ever looked at: a label path in the dict is never touched.
         meta = {k: dataset_dict[k] for k in ("file_name", "height", "width") if k in dataset_dict}
         image = read_rgb(meta["file_name"])
-        check_image_size(meta, image)
+        check_record_size(meta, image)
         image, _, padded = self.geometry(image, None, rng)
         height, width = image.shape[:2]
         out = {"image_weak": _image_to_tensor(image)}
@@ -310,7 +319,7 @@ class InferenceMapper:
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         dataset_dict = dict(dataset_dict)
         image = read_rgb(dataset_dict["file_name"])
-        check_image_size(dataset_dict, image)
+        check_record_size(dataset_dict, image)
         out = {
             "image": _image_to_tensor(image),
             "file_name": dataset_dict["file_name"],

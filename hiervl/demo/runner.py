@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import tqdm
 
+from hiervl.data import image_io
 from hiervl.demo.label_maps import LabelMapWriter
 from hiervl.demo.visualizer import SemanticVisualizer
 
@@ -139,15 +140,11 @@ def expand_inputs(patterns: Sequence[str]) -> Tuple[List[str], List[DemoFailure]
 
 
 def read_image(path: str) -> np.ndarray:
-    """(H,W,3) uint8 BGR; ValueError naming ``path`` when it is missing or not an image."""
-    if not os.path.isfile(path):
-        raise ValueError(f"cannot read image {path!r}: no such file")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(
-            f"cannot read image {path!r}: not a readable image (corrupt or unsupported format)"
-        )
-    return image
+    """(H,W,3) uint8 BGR, EXIF orientation applied (the project's one image reader,
+    :func:`hiervl.data.image_io.read_image`, as in training and evaluation). A missing,
+    corrupt or truncated file is a ValueError naming ``path`` (cv2.imread would return
+    the decoded half of a truncated JPEG)."""
+    return image_io.read_image(path, format="BGR")
 
 
 def _is_folder(output: str) -> bool:

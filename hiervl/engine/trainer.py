@@ -17,7 +17,7 @@ import os
 import weakref
 
 from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, hooks
-from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
@@ -26,6 +26,7 @@ from hiervl.data.loader import build_test_loader, build_two_stream_train_loader
 from hiervl.engine.checkpoint import HierVLCheckpointer, atomic_write_text
 from hiervl.engine.optim import build_lr_scheduler, build_optimizer
 from hiervl.engine.step import SemiSupervisedStep
+from hiervl.evaluation.evaluator import HierVLSemSegEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class HierVLTrainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         return DatasetEvaluators(
-            [SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)]
+            [HierVLSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)]
         )
 
     @classmethod

@@ -11,7 +11,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from hiervl.config import add_hiervl_config
-from hiervl.data import mappers
+from hiervl.data import image_io, mappers
 from hiervl.data.loader import build_test_loader, build_two_stream_train_loader
 
 LABELED, UNLABELED, VAL = "pipeline_test_labeled", "pipeline_test_unlabeled", "pipeline_test_val"
@@ -127,10 +127,11 @@ def test_start_iter_resumes_the_exact_sequence(registered, monkeypatch):
     _assert_same(full[3:], _take(_cfg(), 2, start_iter=3))
     # Skipping is arithmetic: resuming far ahead loads only the batch it yields.
     reads = []
-    real = mappers.read_image
-    monkeypatch.setattr(
-        mappers, "read_image", lambda p, *a, **k: reads.append(p) or real(p, *a, **k)
-    )
+    for name in ("read_image", "read_mask"):
+        real = getattr(image_io, name)
+        monkeypatch.setattr(
+            image_io, name, lambda p, *a, real=real, **k: reads.append(p) or real(p, *a, **k)
+        )
     (batch,) = _take(_cfg(), 1, start_iter=100_000)
     assert batch["iteration"] == 100_000
     # 2 labelled images + their 2 labels, 4 unlabelled + 4 partner images.

@@ -8,7 +8,7 @@ from detectron2.config import get_cfg
 from PIL import Image
 
 from hiervl.config import add_hiervl_config
-from hiervl.data import mappers
+from hiervl.data import image_io, mappers
 from hiervl.data.augment import color_jitter, strong_view
 from hiervl.data.mappers import InferenceMapper, LabeledMapper, UnlabeledMapper
 
@@ -154,7 +154,7 @@ def test_unlabeled_mapper_never_opens_a_label(tmp_path, monkeypatch):
     record, _, _ = _write_sample(tmp_path, 20, 20)
     record["sem_seg_file_name"] = str(tmp_path / "must_not_be_opened.png")  # does not exist
     opened = []
-    real_read_image = mappers.read_image
+    real_read_image = image_io.read_image
 
     def spy(path, *args, **kwargs):
         opened.append(path)
@@ -163,7 +163,8 @@ def test_unlabeled_mapper_never_opens_a_label(tmp_path, monkeypatch):
     def forbidden(path):
         raise AssertionError(f"a label was read in the unlabelled stream: {path}")
 
-    monkeypatch.setattr(mappers, "read_image", spy)
+    monkeypatch.setattr(image_io, "read_image", spy)
+    monkeypatch.setattr(image_io, "read_mask", forbidden)
     monkeypatch.setattr(mappers, "read_label", forbidden)
     mapper = UnlabeledMapper(scale_range=(0.5, 2.0), crop_size=(16, 16), flip_prob=0.5, **NO_STRONG)
     out = mapper(record, np.random.default_rng(0))
@@ -277,5 +278,5 @@ def test_from_config_and_errors(tmp_path):
         _labeled(scale=(2.0, 1.0))
     record, _, _ = _write_sample(tmp_path, 10, 10)
     record["width"] = 11
-    with pytest.raises(Exception, match="Mismatched image shape"):
+    with pytest.raises(ValueError, match=r"a.png is 10x10 .* its dataset record says 11x10"):
         _labeled()(record)

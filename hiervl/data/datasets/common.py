@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from PIL import Image
 from tqdm import tqdm
 
 from hiervl.data import split_files
+from hiervl.data.image_io import image_size
 
 logger = logging.getLogger(__name__)
 
@@ -95,20 +95,12 @@ def list_files(folder: str, suffix: str, what: str, hint: str) -> List[str]:
 
 
 def image_sizes(paths: Sequence[str]) -> List[Tuple[int, int]]:
-    """(height, width) of each image, from its header only."""
-
-    def size(path: str) -> Tuple[int, int]:
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except (OSError, SyntaxError) as e:
-            raise ValueError(f"cannot read image {path}: {e}") from e
-        return height, width
-
+    """(height, width) of each image as displayed (EXIF orientation applied, the size the
+    mappers read), from its header only; ``ImageReadError`` naming an unreadable file."""
     if len(paths) < _SIZE_THREADS:
-        return [size(p) for p in paths]
+        return [image_size(p) for p in paths]
     with ThreadPoolExecutor(_SIZE_THREADS) as pool:
-        return list(pool.map(size, paths))
+        return list(pool.map(image_size, paths))
 
 
 def make_records(
