@@ -266,13 +266,17 @@ def _add_solver(s: CN) -> None:
     # Mixed precision (SOLVER.AMP.ENABLED): "bfloat16" (CPU or GPU) or "float16" (GPU,
     # with a gradient scaler). The MSDeformAttn op always computes in float32.
     s.AMP.PRECISION = "bfloat16"
-    # What to do when a loss is NaN/Inf: "stop" (raise, naming the term) or "skip" the step.
+    # What to do when a prediction or a loss term is NaN/Inf: "stop" (raise, naming it and
+    # the iteration) or "skip" the iteration (weights, optimizer and LR schedule unchanged).
     s.NONFINITE_ACTION = "stop"
     # Gradient accumulation: split each iteration's labelled and unlabelled batches into
     # this many equal micro-batches, one forward/backward each, one optimizer step. The
     # per-image terms give the full batch's gradient; terms normalised over the batch
     # (mask counts, confident pixels) are normalised per micro-batch, as per GPU in DDP.
     s.MICRO_BATCHES = 1
+    # With "skip": at most this many iterations in a row are skipped; the next non-finite
+    # one stops training (diverged weights do not recover by skipping).
+    s.NONFINITE_MAX_SKIPS = 10
 
 
 def _add_test(t: CN) -> None:

@@ -4,7 +4,8 @@ Structure follows detectron2's ``DefaultTrainer`` (hooks for LR schedule, checkp
 periodic evaluation and writers); what differs:
 - the data loader yields named two-stream batches (``hiervl.data.loader``) and is rebuilt
   at the resumed iteration so ``--resume`` sees exactly the batches it would have seen;
-- the inner step is :class:`SemiSupervisedStep` (AMP on CPU too, NaN checks per term);
+- the inner step is :class:`SemiSupervisedStep` (AMP on CPU too, NaN/Inf guard on the
+  predictions and every loss term; a skipped iteration leaves the LR schedule alone);
 - checkpoints are written atomically and loaded strictly (:class:`HierVLCheckpointer`);
 - evaluation results are also written to ``OUTPUT_DIR/metrics.json``; the per-iteration
   event stream goes to ``OUTPUT_DIR/events.json``.
@@ -47,6 +48,21 @@ class MetricPrinter(CommonMetricPrinter):
         return super()._get_eta(storage)
 
 
+class LRScheduler(hooks.LRScheduler):
+    """detectron2's LR hook, leaving the schedule alone after a skipped iteration.
+
+    A NaN/Inf iteration skipped by the step (``SOLVER.NONFINITE_ACTION skip``) made no
+    optimizer step, so the schedule does not advance either: the next step uses the LR the
+    skipped one would have used. Same class name as detectron2's hook, so checkpoints keep
+    its state under the same key.
+    """
+
+    def after_step(self):
+        if getattr(self.trainer._trainer, "step_skipped", False):
+            return
+        super().after_step()
+
+
 class HierVLTrainer(DefaultTrainer):
     """Semi-supervised trainer (see module docstring)."""
 
@@ -71,6 +87,7 @@ class HierVLTrainer(DefaultTrainer):
             seed=max(cfg.SEED, 0),
             amp_precision=cfg.SOLVER.AMP.PRECISION if cfg.SOLVER.AMP.ENABLED else None,
             nonfinite_action=cfg.SOLVER.NONFINITE_ACTION,
+            nonfinite_max_skips=cfg.SOLVER.NONFINITE_MAX_SKIPS,
             micro_batches=cfg.SOLVER.MICRO_BATCHES,
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -99,6 +116,8 @@ class HierVLTrainer(DefaultTrainer):
         for i, h in enumerate(ret):
             if isinstance(h, hooks.PeriodicWriter):
                 ret[i] = hooks.PeriodicWriter(self.build_writers(), period=period)
+            elif isinstance(h, hooks.LRScheduler):
+                ret[i] = LRScheduler()
         return ret
 
     @classmethod

@@ -24,6 +24,9 @@ Once, on the final prediction:
   losses. The paper writes a sum; dividing by the number of pairs keeps the term's scale
   independent of batch size and class count, so QT_WEIGHT transfers between datasets.
 
+A NaN/Inf in the predictions the losses read (valid queries) raises
+:class:`~hiervl.modeling.nonfinite.NonFiniteError` naming them, before any matching.
+
 Every returned value is already multiplied by its weight. Ground-truth pixels labelled
 ``ignore`` belong to no mask, so they count as background for every mask (as in
 Mask2Former); target masks must cover the same extent as the (padded) network input.
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hiervl.modeling.matcher import QueryMatcher
+from hiervl.modeling.nonfinite import raise_if_nonfinite
 from hiervl.modeling.point_sampling import point_sample, uncertain_point_coords
 
 __all__ = ["SetCriterion", "semantic_to_targets", "sigmoid_bce_loss", "dice_loss"]
@@ -163,6 +167,9 @@ class SetCriterion(nn.Module):
 
     def _losses(self, outputs, targets, relevance, text_clip, generator):
         valid = outputs["query_valid"]
+        # NaN/Inf predictions (diverged weights) are reported by name before the matcher,
+        # whose costs they would poison.
+        raise_if_nonfinite(self._matched_predictions(outputs), "prediction", valid=valid)
         indices = self.matcher(outputs, targets, generator=generator)
         normalizer = self._num_matched(indices, outputs["pred_logits"].device)
 
@@ -188,6 +195,15 @@ class SetCriterion(nn.Module):
             outputs, targets, indices, text_clip, normalizer
         )
         return losses
+
+    def _matched_predictions(self, outputs: dict) -> list:
+        """(name, tensor) of every prediction the losses read, in decoder-layer order."""
+        sets = []
+        if self.deep_supervision:
+            aux_sets = enumerate(outputs.get("aux_outputs", []))
+            sets += [(f"aux_outputs[{i}].", aux) for i, aux in aux_sets]
+        sets.append(("", outputs))
+        return [(p + k, out[k]) for p, out in sets for k in ("pred_logits", "pred_masks")]
 
     @staticmethod
     def _num_matched(indices: list, device) -> float:
