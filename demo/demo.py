@@ -107,7 +107,8 @@ def main(argv=None) -> int:
             check_display()
         if args.save_overlays and not args.save_masks:
             raise ValueError("--save-overlays writes beside the label maps: add --save-masks DIR")
-        vocabulary = parse_vocabulary(args.vocabulary) if args.vocabulary else None
+        # `--vocabulary ""` is a mistake to report, not "keep the trained classes".
+        vocabulary = parse_vocabulary(args.vocabulary) if args.vocabulary is not None else None
         cfg = setup_cfg(args.config_file, args.opts)
         if args.show_relevance and not cfg.MODEL.HIERVL.HSQG.ENABLED:
             raise ValueError(

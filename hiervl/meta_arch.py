@@ -17,7 +17,7 @@ Shape letters: B images, K classes, H×W padded batch size.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torch import nn
 
 from hiervl.evaluation.sliding_window import sliding_window_inference
 from hiervl.model_builder import build_hiervl_model, build_objective
+from hiervl.modeling.backbone.class_names import validate_class_names
 from hiervl.modeling.hiervl_model import HierVLModel
 from hiervl.modeling.objective import HierVLObjective, LabeledBatch, UnlabeledBatch
 
@@ -37,14 +38,18 @@ IGNORE_LABEL = 255
 
 
 def vocabulary_from_cfg(cfg) -> List[str]:
-    """Class names: TEST.VOCABULARY if set, else the metadata of the first train/test set."""
+    """Class names: TEST.VOCABULARY if set, else the metadata of the first train/test set.
+
+    Checked by :func:`validate_class_names` (no empty name, no two names that are one CLIP
+    text query), naming the key or the dataset they come from.
+    """
     if len(cfg.TEST.VOCABULARY) > 0:
-        return list(cfg.TEST.VOCABULARY)
+        return list(validate_class_names(cfg.TEST.VOCABULARY, "TEST.VOCABULARY"))
     names = list(cfg.DATASETS.TRAIN_LABELED) + list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     for name in names:
         classes = MetadataCatalog.get(name).get("stuff_classes", None)
         if classes:
-            return list(classes)
+            return list(validate_class_names(classes, f"the classes of dataset {name!r}"))
     raise ValueError(
         "no class names: set DATASETS.TRAIN_LABELED / DATASETS.TEST to a registered dataset "
         f"with 'stuff_classes' metadata, or TEST.VOCABULARY (datasets tried: {names})"
@@ -103,9 +108,9 @@ class HierVL(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def set_vocabulary(self, class_names: Sequence[str]) -> None:
+    def set_vocabulary(self, class_names: Sequence[str], *, source: str = "vocabulary") -> None:
         """Segment with any class names (open vocabulary); no retraining needed."""
-        self.model.set_vocabulary(class_names)
+        self.model.set_vocabulary(class_names, source=source)
 
     # ------------------------------------------------------------------ batching
     def _images(self, dicts: List[dict], key: str) -> torch.Tensor:
@@ -193,8 +198,13 @@ class HierVL(nn.Module):
         return [self.model.class_relevance(self._normalized(d), text)[0] for d in batched_inputs]
 
     @torch.no_grad()
-    def inference(self, batched_inputs: List[dict]) -> List[Dict[str, torch.Tensor]]:
-        """Semantic scores per image at its original (height, width)."""
+    def inference(
+        self, batched_inputs: List[dict], *, progress: Optional[Callable[[int, int], None]] = None
+    ) -> List[Dict[str, torch.Tensor]]:
+        """Semantic scores per image at its original (height, width).
+
+        ``progress(done, total)`` is called after each sliding window (the demo's bar).
+        """
         text = self.model.class_embeddings()
         num_classes = text[0].shape[0]
         results = []
@@ -207,6 +217,7 @@ class HierVL(nn.Module):
                     crop=self.window_crop,
                     stride=self.window_stride,
                     num_classes=num_classes,
+                    progress=progress,
                 )
             else:
                 scores = self.model.predict_scores(image, text)

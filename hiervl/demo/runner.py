@@ -88,8 +88,12 @@ class SegmentationDemo:
         self.predictor = predictor
         self.visualizer = visualizer
 
-    def __call__(self, image: np.ndarray) -> Tuple[SemanticPrediction, np.ndarray]:
-        prediction = self.predictor(image, input_format="BGR")
+    def __call__(
+        self, image: np.ndarray, *, progress: bool = False
+    ) -> Tuple[SemanticPrediction, np.ndarray]:
+        """``progress``: a bar over the sliding windows of a large image (single images;
+        video frames go by too fast for one)."""
+        prediction = self.predictor(image, input_format="BGR", progress=progress)
         overlay = self.visualizer.draw(image, prediction.labels, prediction.class_names)
         return prediction, overlay
 
@@ -236,7 +240,7 @@ def run_on_images(
         start = time.perf_counter()
         try:
             image = read_image(path)
-            prediction, overlay = demo(image)
+            prediction, overlay = demo(image, progress=True)
             if destination is not None:
                 folder = os.path.dirname(destination)
                 if folder:

@@ -9,7 +9,7 @@ padding to the crop size, as in mmsegmentation's slide inference), so a window t
 covers the image gives exactly whole-image inference.
 """
 
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -32,6 +32,7 @@ def sliding_window_inference(
     crop: int,
     stride: int,
     num_classes: int,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> torch.Tensor:
     """Run ``predict`` on overlapping windows and average the overlaps.
 
@@ -41,6 +42,7 @@ def sliding_window_inference(
         crop: window size (square).
         stride: distance between window starts (``crop // 2`` = 50% overlap).
         num_classes: K, used to allocate the accumulator.
+        progress: called as ``progress(done, total)`` after each window (a progress bar).
     Returns:
         (B,K,H,W) averaged scores.
     """
@@ -48,13 +50,19 @@ def sliding_window_inference(
     scores = images.new_zeros((b, num_classes, height, width))
     counts = images.new_zeros((1, 1, height, width))
     win_h, win_w = min(crop, height), min(crop, width)
-    for top in window_starts(height, win_h, stride):
-        for left in window_starts(width, win_w, stride):
-            window = images[:, :, top : top + win_h, left : left + win_w]
-            out = predict(window)
-            assert out.shape == (b, num_classes, win_h, win_w), (
-                f"predict returned {tuple(out.shape)}, expected {(b, num_classes, win_h, win_w)}"
-            )
-            scores[:, :, top : top + win_h, left : left + win_w] += out
-            counts[:, :, top : top + win_h, left : left + win_w] += 1
+    windows = [
+        (top, left)
+        for top in window_starts(height, win_h, stride)
+        for left in window_starts(width, win_w, stride)
+    ]
+    for done, (top, left) in enumerate(windows, start=1):
+        window = images[:, :, top : top + win_h, left : left + win_w]
+        out = predict(window)
+        assert out.shape == (b, num_classes, win_h, win_w), (
+            f"predict returned {tuple(out.shape)}, expected {(b, num_classes, win_h, win_w)}"
+        )
+        scores[:, :, top : top + win_h, left : left + win_w] += out
+        counts[:, :, top : top + win_h, left : left + win_w] += 1
+        if progress is not None:
+            progress(done, len(windows))
     return scores / counts

@@ -93,9 +93,10 @@ class HierVLModel(nn.Module):
     def class_names(self) -> List[str]:
         return list(self.text_encoder.class_names)
 
-    def set_vocabulary(self, class_names: Sequence[str]) -> None:
-        """Replace the class list (open vocabulary); text embeddings are recomputed."""
-        self.text_encoder.set_vocabulary(list(class_names))
+    def set_vocabulary(self, class_names: Sequence[str], *, source: str = "vocabulary") -> None:
+        """Replace the class list (open vocabulary); text embeddings are recomputed.
+        ValueError naming ``source`` for an empty list or names that are one text query."""
+        self.text_encoder.set_vocabulary(list(class_names), source=source)
 
     def class_embeddings(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(t, t_clip): prompt-tuned (K,C, with grad to the prompt) and frozen-template (K,C)."""

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("detectron2")
 cv2 = pytest.importorskip("cv2")
@@ -32,6 +33,7 @@ from hiervl.demo import (  # noqa: E402
     run_on_webcam,
     runner,
 )
+from hiervl.demo import predictor as predictor_module  # noqa: E402
 from hiervl.demo.runner import image_output_paths, video_output_path  # noqa: E402
 from hiervl.engine.checkpoint import HierVLCheckpointer  # noqa: E402
 from hiervl.engine.launcher import setup_cfg  # noqa: E402
@@ -90,7 +92,9 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg(weights):
-    return setup_cfg(CONFIG, ["MODEL.WEIGHTS", weights])
+    # At the input's own size (no test-scale resizing), so that the score maps compare
+    # pixel for pixel with the input; resizing is tested separately.
+    return setup_cfg(CONFIG, ["MODEL.WEIGHTS", weights, "INPUT.MIN_SIZE_TEST", 0])
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +150,51 @@ def test_probabilities_and_confidence_threshold(cfg):
         SemanticPredictor(cfg, confidence_threshold=1.5)
 
 
+def test_predictor_resizes_to_the_test_scale(weights):
+    """Base-Tiny's INPUT.MIN_SIZE_TEST 128: a 48x64 image is seen at 128x171 (detectron2's
+    rounding), and the labels come back at 48x64 from the upsampled probabilities."""
+    predictor = SemanticPredictor(setup_cfg(CONFIG, ["MODEL.WEIGHTS", weights]))
+    image = _image(48, 64, seed=5)
+    seen = []
+    inference = predictor.model.inference
+    predictor.model.inference = lambda items, **kw: seen.append(items[0]) or inference(items, **kw)
+    prediction = predictor(image)
+    rgb = np.ascontiguousarray(image[:, :, ::-1])
+    expected = cv2.resize(rgb, (171, 128), interpolation=cv2.INTER_LINEAR)
+    assert torch.equal(seen[0]["image"], torch.from_numpy(expected.transpose(2, 0, 1).copy()))
+    assert prediction.scores.shape == (len(TRAINED_CLASSES), 128, 171)
+    assert prediction.labels.shape == prediction.confidence.shape == (48, 64)
+    full = F.interpolate(prediction.probs[None], size=(48, 64), mode="bilinear")[0]
+    np.testing.assert_array_equal(prediction.labels, full.argmax(0).numpy())
+    np.testing.assert_allclose(prediction.confidence, full.max(0).values.numpy(), atol=1e-6)
+
+
+class _FakeBar:
+    bars = []
+
+    def __init__(self, total, **kwargs):
+        self.total, self.n, self.closed = total, 0, False
+        _FakeBar.bars.append(self)
+
+    def update(self, k):
+        self.n += k
+
+    def close(self):
+        self.closed = True
+
+
+def test_progress_bar_over_the_windows_of_a_large_image(cfg, monkeypatch):
+    monkeypatch.setattr(predictor_module.tqdm, "tqdm", _FakeBar)
+    _FakeBar.bars = []
+    predictor = SemanticPredictor(cfg)  # INPUT.MIN_SIZE_TEST 0: the image at its own size
+    # 200x300 with 128 windows at stride 64: 3 rows x 4 columns of windows.
+    predictor(_image(200, 300, seed=6), progress=True)
+    assert [(b.total, b.n, b.closed) for b in _FakeBar.bars] == [(12, 12, True)]
+    predictor(_image(200, 300, seed=6))  # no bar unless asked (video frames)
+    predictor(_image(100, 120, seed=6), progress=True)  # one window: nothing to show
+    assert len(_FakeBar.bars) == 1
+
+
 # ---------------------------------------------------------------- vocabulary
 
 
@@ -156,10 +205,14 @@ def test_parse_vocabulary(tmp_path):
     assert parse_vocabulary(str(path)) == ["dining table", "potted plant, green"]
     with pytest.raises(ValueError, match="missing.txt"):
         parse_vocabulary(str(tmp_path / "missing.txt"))
-    with pytest.raises(ValueError, match="no class names"):
+    with pytest.raises(ValueError, match="--vocabulary ' , ': the vocabulary is empty"):
         parse_vocabulary(" , ")
-    with pytest.raises(ValueError, match="repeats"):
+    with pytest.raises(ValueError, match="#0 'cat' and #2 'cat' are the same text query"):
         parse_vocabulary("cat,dog,cat")
+    cased = tmp_path / "cased.txt"
+    cased.write_text("Cat\ncat \n")
+    with pytest.raises(ValueError, match="#0 'Cat' and #1 'cat' are the same text query"):
+        parse_vocabulary(str(cased))
 
 
 def test_vocabulary_changes_the_class_list(cfg):

@@ -140,6 +140,10 @@ def test_errors_are_clear():
         encoder.set_vocabulary([])
     with pytest.raises(ValueError, match="#1 ' _ '"):
         encoder.set_vocabulary(["cat", " _ "])
+    # One text query for two classes would split its pixels arbitrarily.
+    with pytest.raises(ValueError, match="#0 'circle' and #2 'Circle ' are the same text query"):
+        encoder.set_vocabulary(["circle", "square", "Circle "])
+    assert encoder.class_names == ()  # a refused vocabulary changes nothing
     long_name = " ".join(["word"] * 20)
     with pytest.raises(ValueError, match="longer than the CLIP context length 24"):
         encoder.set_vocabulary(["cat", long_name])

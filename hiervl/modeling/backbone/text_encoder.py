@@ -29,7 +29,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import TextTransformer
 from torch import nn
 
-from hiervl.modeling.backbone.class_names import clean_class_name
+from hiervl.modeling.backbone.class_names import clean_class_name, validate_class_names
 
 __all__ = ["CLIPTextEncoder", "clean_class_name"]
 
@@ -157,20 +157,17 @@ class CLIPTextEncoder(nn.Module):
         device = self.prompt.device
         return ids.to(device), eot_pos.to(device)
 
-    def set_vocabulary(self, names: Sequence[str]) -> None:
+    def set_vocabulary(self, names: Sequence[str], *, source: str = "vocabulary") -> None:
         """Replace the class list (open vocabulary); t_k^CLIP is recomputed on next use.
 
         Args:
-            names: K class names; underscores and slashes are turned into words.
+            names: K class names; underscores and slashes are turned into words. Every
+                vocabulary passes :func:`validate_class_names` here: no empty list, no
+                empty name, no two names that are one text query (``circle``/``Circle``).
+            source: where the names come from, for the error message.
         """
-        names = list(names)
-        if not names:
-            raise ValueError("the vocabulary needs at least one class name")
-        cleaned = []
-        for index, name in enumerate(names):
-            if not isinstance(name, str) or not clean_class_name(name):
-                raise ValueError(f"class name #{index} {name!r} is not a non-empty string")
-            cleaned.append(clean_class_name(name))
+        names = list(validate_class_names(names, source))
+        cleaned = [clean_class_name(name) for name in names]
         encode = self._tokenizer.encode
         placeholder = [0] * self.prompt_length  # overwritten by the learnable prompt
         self._prompt_ids, self._prompt_eot = self._sequences(

@@ -1,0 +1,95 @@
+"""The demo's test scale: resize the input like detectron2's ``DefaultPredictor``, and bring
+the prediction back to the input's size without holding (K, H, W) at full resolution.
+
+Shape letters: K classes, H×W the input image, h×w the test-scale image.
+
+A 6000×4000 photo at its own resolution is thousands of sliding windows (an hour on a
+CPU) and (K, 6000, 4000) score maps (gigabytes for 81 classes); the model was trained on
+images of the dataset's scale anyway. The predictor therefore resizes the shorter side to
+``INPUT.MIN_SIZE_TEST`` (longer side at most ``INPUT.MAX_SIZE_TEST``; 0 = no resizing),
+runs the model there, and upsamples the class probabilities bilinearly band by band
+(exactly ``F.interpolate(mode="bilinear", align_corners=False)``) to take the labels and the
+confidence at every input pixel. The evaluator does not resize (the paper's protocol).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import cv2
+import numpy as np
+import torch
+
+__all__ = ["resize_image", "inference_size", "upsampled_labels"]
+
+# Elements of one band of upsampled probabilities (K x rows x W floats): 64 MB.
+_BAND_ELEMENTS = 1 << 24
+
+
+def inference_size(height: int, width: int, *, min_size: int, max_size: int) -> Tuple[int, int]:
+    """(h, w): shorter side ``min_size``, longer side at most ``max_size``, aspect kept
+    (detectron2's ``ResizeShortestEdge``); the input's own size when ``min_size`` is 0."""
+    if min_size <= 0:
+        return height, width
+    scale = min_size / min(height, width)
+    if max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """(H,W,3) uint8 → (h,w,3): area averaging when shrinking (no aliasing), bilinear when
+    enlarging."""
+    if tuple(image.shape[:2]) == tuple(size):
+        return image
+    shrink = size[0] * size[1] < image.shape[0] * image.shape[1]
+    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return cv2.resize(image, (size[1], size[0]), interpolation=interpolation)
+
+
+def _source_taps(out_len: int, in_len: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear taps of F.interpolate (align_corners=False): for each output index the two
+    input indices and the weight of the second."""
+    src = ((torch.arange(out_len, dtype=torch.float64) + 0.5) * (in_len / out_len) - 0.5).clamp(
+        min=0
+    )
+    low = src.floor().long().clamp(max=in_len - 1)
+    high = (low + 1).clamp(max=in_len - 1)
+    return low, high, (src - low).float()
+
+
+def upsampled_labels(
+    probs: torch.Tensor, size: Tuple[int, int], *, threshold: float, unlabeled: int
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Labels and confidence at ``size`` from class probabilities at the test scale.
+
+    Args:
+        probs: (K,h,w) per-pixel class distribution.
+        size: (H, W) of the input.
+        threshold: pixels whose top probability is below it get ``unlabeled``.
+        unlabeled: the label of those pixels.
+    Returns:
+        labels (H,W) int64 and confidence (H,W) float32: argmax / max over K of the
+        bilinearly upsampled probabilities, computed in bands of rows.
+    """
+    k, h, w = probs.shape
+    height, width = size
+    if (h, w) == (height, width):
+        confidence, labels = probs.max(dim=0)
+    else:
+        rows_low, rows_high, rows_frac = _source_taps(height, h)
+        cols_low, cols_high, cols_frac = _source_taps(width, w)
+        labels = torch.empty((height, width), dtype=torch.long)
+        confidence = torch.empty((height, width), dtype=torch.float32)
+        band = max(1, _BAND_ELEMENTS // max(1, k * width))
+        probs = probs.float()
+        for top in range(0, height, band):
+            rows = slice(top, min(top + band, height))
+            frac = rows_frac[rows].view(1, -1, 1)
+            vertical = probs[:, rows_low[rows]] * (1 - frac) + probs[:, rows_high[rows]] * frac
+            frac = cols_frac.view(1, 1, -1)
+            full = vertical[:, :, cols_low] * (1 - frac) + vertical[:, :, cols_high] * frac
+            confidence[rows], labels[rows] = full.max(dim=0)
+    labels = labels.clone()
+    labels[confidence < threshold] = unlabeled
+    return labels.numpy().astype(np.int64), confidence.numpy()
