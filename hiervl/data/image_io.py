@@ -31,6 +31,8 @@ _PIL_ERRORS = (
     UnidentifiedImageError,
     Image.DecompressionBombError,
 )
+# 16-bit grey images (e.g. microscopy PNG/TIFF): scaled to 8 bits by read_image.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # Channel orders :func:`read_image` returns.
 FORMATS = ("RGB", "BGR")
 
@@ -72,21 +74,38 @@ def read_image(path: str, format: str = "RGB") -> np.ndarray:
     """The whole image, EXIF orientation applied.
 
     Args:
-        path: an image file in any format PIL reads (grey, palette, 16-bit, CMYK and
-            alpha images are converted; alpha is dropped).
+        path: an image file in any format PIL reads (grey, palette, CMYK and alpha images
+            are converted, alpha is dropped; 16-bit grey is scaled to 8 bits).
         format: "RGB" or "BGR" (OpenCV's order) channel order.
     Returns:
         (H, W, 3) uint8 array, H x W the displayed (oriented) size.
     Raises:
-        ImageReadError: missing, not an image, truncated or corrupt (names ``path``).
+        ImageReadError: missing, not an image, truncated or corrupt, or pixels without a
+            0-255 scale (floating-point, 32-bit integer) (names ``path``).
     """
     if format not in FORMATS:
         raise ValueError(f"read_image: format must be one of {FORMATS}, got {format!r}")
     with _open(path, "image") as image:
         _decode(image, path, "image")
         oriented = ImageOps.exif_transpose(image)
-        rgb = np.asarray(oriented.convert("RGB"))
+        rgb = _to_rgb(oriented, path)
     return np.ascontiguousarray(rgb[:, :, ::-1]) if format == "BGR" else rgb
+
+
+def _to_rgb(image: Image.Image, path: str) -> np.ndarray:
+    """(H, W, 3) uint8. PIL's own conversion clips 16-bit grey at 255 (an almost white
+    image) and maps float NaN to 0; those modes are scaled or refused here instead."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.uint32)
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode in ("F", "I"):
+        kind = "floating-point" if image.mode == "F" else "32-bit integer"
+        raise ImageReadError(
+            f"cannot read image {path}: {kind} pixels (PIL mode {image.mode}) have no 0-255 "
+            "scale (and may hold NaN); save it as an 8- or 16-bit image"
+        )
+    return np.asarray(image.convert("RGB"))
 
 
 def image_size(path: str) -> Tuple[int, int]:
