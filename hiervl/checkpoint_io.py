@@ -191,7 +191,7 @@ def _safetensors_load(path: str, what: str) -> Any:
         return load_file(path, device="cpu")
     except Exception as e:  # SafetensorError and the errors of a damaged header
         detail = " ".join(str(e).split())[:200]
-        raise _fail(what, path, f"corrupt safetensors file ({detail})") from None
+        raise _fail(what, path, f"truncated or corrupt safetensors file ({detail})") from None
 
 
 def check_plain(obj: Any, where: str = "checkpoint") -> None:

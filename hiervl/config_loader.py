@@ -133,6 +133,9 @@ def _read_yaml(path: str) -> Tuple[Dict[str, Any], Dict[str, int]]:
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
+            # Before constructing: construction rewrites merge keys into the mapping nodes.
+            lines: Dict[str, int] = {}
+            _key_lines(node, "", lines, path)
             data = loader.construct_document(node) if node is not None else {}
         finally:
             loader.dispose()
@@ -146,8 +149,6 @@ def _read_yaml(path: str) -> Tuple[Dict[str, Any], Dict[str, int]]:
             f"{path}:1: a config is a mapping of KEY: value lines, got a {type(data).__name__}"
         )
     _check_expanded_size(data, path)
-    lines: Dict[str, int] = {}
-    _key_lines(node, "", lines, path)
     return data, lines
 
 
