@@ -77,19 +77,20 @@ def upsampled_labels(
     if (h, w) == (height, width):
         confidence, labels = probs.max(dim=0)
     else:
-        rows_low, rows_high, rows_frac = _source_taps(height, h)
+        # Separable: along the width at the test scale's rows first (small), then along
+        # the height band by band (the only full-size work).
         cols_low, cols_high, cols_frac = _source_taps(width, w)
+        probs = probs.float()
+        wide = torch.lerp(probs[:, :, cols_low], probs[:, :, cols_high], cols_frac)  # (K,h,W)
+        rows_low, rows_high, rows_frac = _source_taps(height, h)
         labels = torch.empty((height, width), dtype=torch.long)
         confidence = torch.empty((height, width), dtype=torch.float32)
         band = max(1, _BAND_ELEMENTS // max(1, k * width))
-        probs = probs.float()
         for top in range(0, height, band):
             rows = slice(top, min(top + band, height))
             frac = rows_frac[rows].view(1, -1, 1)
-            vertical = probs[:, rows_low[rows]] * (1 - frac) + probs[:, rows_high[rows]] * frac
-            frac = cols_frac.view(1, 1, -1)
-            full = vertical[:, :, cols_low] * (1 - frac) + vertical[:, :, cols_high] * frac
-            confidence[rows], labels[rows] = full.max(dim=0)
+            full = torch.lerp(wide[:, rows_low[rows]], wide[:, rows_high[rows]], frac)
+            torch.max(full, dim=0, out=(confidence[rows], labels[rows]))
     labels = labels.clone()
     labels[confidence < threshold] = unlabeled
     return labels.numpy().astype(np.int64), confidence.numpy()
