@@ -206,8 +206,9 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, opts, nam
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, model):
     missing = str(tmp_path / "nothing.pth")
-    with pytest.raises(ValueError, match="checkpoint not found"):
+    with pytest.raises(ValueError) as err:
         HierVLCheckpointer(model).load(missing)
+    assert str(err.value) == f"cannot read MODEL.WEIGHTS checkpoint {missing}: no such file"
 
 
 # ---------------------------------------------------------------- training batches

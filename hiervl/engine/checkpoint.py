@@ -18,7 +18,7 @@ import glob
 import logging
 import os
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -101,6 +101,7 @@ class HierVLCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **checkpointables)
         self.strict = strict
         self._loading_path = ""
+        self._what: Optional[str] = None  # how the file being loaded is named in errors
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -131,9 +132,28 @@ class HierVLCheckpointer(DetectionCheckpointer):
             )
         return path
 
-    def load(self, path: str, *args, **kwargs):
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        what = "resume checkpoint" if resume and self.has_checkpoint() else None
+        return self._labelled(what, super().resume_or_load, path, resume=resume)
+
+    def load(self, path: str, *args, what: Optional[str] = None, **kwargs):
+        """fvcore's ``load``; ``what`` names the file in errors (default "MODEL.WEIGHTS
+        checkpoint")."""
+        return self._labelled(what, self._load, path, *args, **kwargs)
+
+    def _labelled(self, what: Optional[str], fn: Callable, *args, **kwargs):
+        outer = self._what is None
+        if outer:
+            self._what = what or "MODEL.WEIGHTS checkpoint"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if outer:
+                self._what = None
+
+    def _load(self, path: str, *args, **kwargs):
         if path and "://" not in path:
-            check_checkpoint_file(path)
+            check_checkpoint_file(path, what=self._what)
         self._loading_path = path
         return super().load(path, *args, **kwargs)
 
@@ -143,10 +163,11 @@ class HierVLCheckpointer(DetectionCheckpointer):
         A bare state dict (``torch.save(model.state_dict())``, a ``.safetensors`` file) is
         taken as the model's weights, as detectron2 does.
         """
-        loaded = read_checkpoint(filename)
+        what = self._what or "checkpoint"
+        loaded = read_checkpoint(filename, what=what)
         if not isinstance(loaded, dict):
             raise CheckpointError(
-                f"cannot read checkpoint {filename}: it holds a {type(loaded).__name__}, "
+                f"cannot read {what} {filename}: it holds a {type(loaded).__name__}, "
                 "not a dict of weights"
             )
         if "model" not in loaded:
@@ -156,8 +177,7 @@ class HierVLCheckpointer(DetectionCheckpointer):
             isinstance(v, torch.Tensor) for v in model.values()
         ):
             raise CheckpointError(
-                f"cannot read checkpoint {filename}: its 'model' entry is not a state dict "
-                "of tensors"
+                f"cannot read {what} {filename}: its 'model' entry is not a state dict of tensors"
             )
         return loaded
 

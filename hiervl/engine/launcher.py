@@ -66,15 +66,15 @@ def main(args):
     if args.eval_only:
         model = HierVLTrainer.build_model(cfg)
         checkpointer = HierVLCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-        path = cfg.MODEL.WEIGHTS
+        path, what = cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS checkpoint"
         if args.resume and checkpointer.has_checkpoint():
-            path = checkpointer.get_checkpoint_file()
+            path, what = checkpointer.get_checkpoint_file(), "resume checkpoint"
         if not path:
             raise ValueError(
                 "--eval-only needs the weights to evaluate: set MODEL.WEIGHTS to a checkpoint "
                 f"file, or pass --resume with a checkpoint in OUTPUT_DIR ({cfg.OUTPUT_DIR!r})"
             )
-        checkpointer.load(path)
+        checkpointer.load(path, what=what)
         results = HierVLTrainer.test(cfg, model)
         comm.synchronize()
         return results

@@ -95,5 +95,6 @@ def test_checkpoint_missing_and_unknown_weights(tmp_path):
 
 def test_missing_checkpoint_file_is_a_value_error(tmp_path):
     missing = str(tmp_path / "nowhere.pth")
-    with pytest.raises(ValueError, match="cannot read checkpoint .*nowhere.pth: no such file"):
+    message = "cannot read MODEL.WEIGHTS checkpoint .*nowhere.pth: no such file"
+    with pytest.raises(ValueError, match=message):
         HierVLCheckpointer(_linear(0), str(tmp_path)).load(missing)

@@ -71,5 +71,6 @@ def test_checkpoint_of_another_architecture_names_the_file(tmp_path, checkpoint)
 def test_eval_only_without_weights_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="--eval-only needs the weights"):
         launcher.main(_args(str(tmp_path)))
-    with pytest.raises(ValueError, match="cannot read checkpoint .*missing.pth: no such file"):
+    message = "cannot read MODEL.WEIGHTS checkpoint .*missing.pth: no such file"
+    with pytest.raises(ValueError, match=message):
         launcher.main(_args(str(tmp_path), "MODEL.WEIGHTS", str(tmp_path / "missing.pth")))

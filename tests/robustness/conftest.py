@@ -1,27 +1,10 @@
-"""Helpers of the robustness suite: files that would run code if loaded carelessly.
+"""Fixtures of the robustness suite (helpers: ``robustness_helpers.py``)."""
 
-Every payload here creates a marker file when it runs; each test asserts the marker does
-not exist afterwards (nothing ran) and that the files it handed in are unchanged.
-"""
-
-import hashlib
 import os
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "configs" / "tiny" / "hiervl_tiny_16.yaml"
-
-
-class Payload:
-    """Unpickling this calls ``open(marker, "w")``: creating the marker proves code ran."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
+import torch
+from robustness_helpers import REPO
 
 
 @pytest.fixture
@@ -30,20 +13,6 @@ def marker(tmp_path):
     path = tmp_path / "PAYLOAD_RAN"
     yield path
     assert not path.exists(), f"a payload ran: {path} was created"
-
-
-def digest(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def snapshot(folder) -> dict:
-    """{relative path: sha256} of every file under ``folder`` (to prove nothing changed)."""
-    folder = Path(folder)
-    return {
-        str(p.relative_to(folder)): digest(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
 
 
 @pytest.fixture(scope="session")
@@ -67,8 +36,6 @@ def synthetic_root():
 def one_torch_thread():
     """The tiny models gain nothing from a second thread on a shared machine (see
     tests/engine/conftest.py)."""
-    import torch
-
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

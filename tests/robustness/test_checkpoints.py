@@ -8,13 +8,14 @@ checkpoints were written 0600.
 
 import os
 import pickle
+import re
 import stat
 import zipfile
 
 import numpy as np
 import pytest
 import torch
-from conftest import Payload, digest
+from robustness_helpers import Payload, digest
 from torch import nn
 
 from hiervl.checkpoint_io import CheckpointError, check_plain, read_checkpoint
@@ -40,12 +41,12 @@ def _refused(path, reason, what="checkpoint"):
     with pytest.raises(CheckpointError) as err:
         read_checkpoint(str(path), what=what)
     assert str(err.value) == message
-    if what == "checkpoint":
+    if what == "checkpoint":  # the same file as MODEL.WEIGHTS
         model = _model(1)
         kept = _weights(model)
         with pytest.raises(CheckpointError) as err:
             HierVLCheckpointer(model).load(str(path))
-        assert str(err.value) == message
+        assert str(err.value) == f"cannot read MODEL.WEIGHTS checkpoint {path}: {reason}"
         assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())
     if before is not None:
         assert digest(path) == before
@@ -70,9 +71,8 @@ def test_payload_through_resume(tmp_path, marker):
     HierVLCheckpointer(_model(0), str(tmp_path)).save("model_0000009")
     path = tmp_path / "model_0000009.pth"
     torch.save({"model": _model(0).state_dict(), "iteration": Payload(str(marker))}, path)
-    with pytest.raises(
-        CheckpointError, match=r"model_0000009.pth: it holds a pickled Python object \(io.open\)"
-    ):
+    resumed = f"cannot read resume checkpoint {path}: it holds a pickled Python object (io.open)"
+    with pytest.raises(CheckpointError, match=re.escape(resumed)):
         HierVLCheckpointer(_model(1), str(tmp_path)).resume_or_load("", resume=True)
 
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TINY_CONFIG, digest
+from robustness_helpers import REPO, TINY_CONFIG, digest
 
 from hiervl.config_loader import MAX_VALUES, ConfigError, load_config
 

@@ -13,8 +13,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_CONFIG, digest, snapshot
 from PIL import Image
+from robustness_helpers import REPO, TINY_CONFIG, digest, snapshot
 
 from hiervl.data.datasets.common import make_records
 from hiervl.data.image_io import ImageReadError, image_size, read_image

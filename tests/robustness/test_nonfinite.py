@@ -8,9 +8,9 @@ alike; the documented error naming the term never appeared.
 
 import pytest
 import torch
-from conftest import TINY_CONFIG
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
+from robustness_helpers import TINY_CONFIG
 
 from hiervl.checkpoint_io import check_plain, read_checkpoint
 from hiervl.engine.launcher import setup_cfg

@@ -5,8 +5,8 @@ accepted, ``--vocabulary ""`` was silently ignored)."""
 import importlib.util
 
 import pytest
-from conftest import REPO, TINY_CONFIG
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from robustness_helpers import REPO, TINY_CONFIG
 
 from hiervl.engine.launcher import setup_cfg
 from hiervl.meta_arch import vocabulary_from_cfg
