@@ -70,6 +70,7 @@ def write_dataset(root, labels, classes):
     cfg = add_hiervl_config(get_cfg())
     cfg.merge_from_list(
         ["DATASETS.CUSTOM.NAME", NAME, "DATASETS.CUSTOM.ROOT", str(root)]
+        + ["DATASETS.CUSTOM.LAYOUT", "single_folder"]  # one folder, parts from val.txt
         + ["DATASETS.CUSTOM.CLASSES", list(classes), "DATASETS.CUSTOM.VAL_SPLIT", "val.txt"]
         + ["DATASETS.TEST", (VAL,), "OUTPUT_DIR", str(root / "output")]
         + ["DATALOADER.NUM_WORKERS", 0]
