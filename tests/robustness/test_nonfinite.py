@@ -132,3 +132,24 @@ def test_guard_counts_runs_of_skips():
         NonFiniteGuard(action="skip", max_skips=-1)
     with pytest.raises(ValueError, match="SOLVER.NONFINITE_ACTION must be 'stop' or 'skip'"):
         NonFiniteGuard(action="ignore", max_skips=1)
+
+
+def test_skip_with_micro_batches_drops_the_whole_iteration(tmp_path, synthetic_root):
+    """Gradient accumulation (SOLVER.MICRO_BATCHES 2): a non-finite micro-batch skips the
+    iteration with nothing of its earlier micro-batches applied."""
+    trainer, record = _train(
+        tmp_path,
+        "SOLVER.MAX_ITER", 4,
+        "SOLVER.MICRO_BATCHES", 2,
+        "SOLVER.IMS_PER_BATCH_LABELED", 2,
+        "SOLVER.IMS_PER_BATCH_UNLABELED", 2,
+        "SOLVER.NONFINITE_ACTION", "skip",
+        "SOLVER.NONFINITE_MAX_SKIPS", 1,
+    )  # fmt: skip
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.train()
+    assert str(err.value).startswith(f"non-finite prediction at iteration 2: {PREDICTIONS}")
+    assert "after 1 skipped iterations in a row since iteration 1" in str(err.value)
+    assert record.changed == {0: True, 1: False}
+    assert all(p.grad is None or not p.grad.abs().sum() for p in trainer.model.parameters())
+    assert trainer.scheduler.last_epoch == 1
