@@ -89,6 +89,11 @@ def _add_model(h: CN) -> None:
     # w=10, b=-2.5 starts the gate near 0.5 for typical image/class similarities.
     h.HSQG.INIT_SCALE = 10.0
     h.HSQG.INIT_BIAS = -2.5
+    # Gate of labelled images: "ground_truth" (the paper: 1 on ground-truth classes, 0 on
+    # the others, so text queries never see an absent class) or "union" (our option: the
+    # predicted active set is kept too, and its false positives are supervised as
+    # "no object", as they must answer at inference).
+    h.HSQG.LABELED_GATE = "ground_truth"
 
     # --- Pixel decoder with CMSAM (hiervl/modeling/pixel_decoder.py, cmsam.py) ---
     h.PIXEL_DECODER = CN()
@@ -102,6 +107,9 @@ def _add_model(h: CN) -> None:
     # Deformable-attention levels (coarse features are listed last).
     h.PIXEL_DECODER.IN_FEATURES = ["res3", "res4", "res5"]
     h.PIXEL_DECODER.COMMON_STRIDE = 4
+    # Hide padded pixels (crops of images smaller than the crop, batch padding) from the
+    # deformable attention and CMSAM; False = Mask2Former's behaviour (attend to them).
+    h.PIXEL_DECODER.MASK_PADDING = True
     h.CMSAM = CN()
     # False = ablation "CMSAM off": text queries skip pixel alignment.
     h.CMSAM.ENABLED = True
@@ -168,6 +176,10 @@ def _add_semi_supervised(h: CN) -> None:
     # "pixel": CE on confident pixels / all valid pixels; "pixelavg": confidence-weighted
     # (Cityscapes).
     h.SSL.CONSISTENCY_MODE = "pixel"
+    # Warn when no pseudo-label passed CONF_THRESHOLD for this many iterations in a row
+    # (loss_unsup_s1/s2/fp exactly 0: the unlabelled images do not contribute);
+    # 0 = a tenth of SOLVER.MAX_ITER. "pixel" mode only (hiervl/engine/hooks.py).
+    h.SSL.SILENT_WARNING_ITERS = 0
     # Dropout2d rate of the feature-perturbed weak view (L_fp).
     h.SSL.FP_DROPOUT = 0.5
     h.SSL.ENTROPY_ENABLED = True
@@ -185,6 +197,10 @@ def _add_semi_supervised(h: CN) -> None:
     h.VL.PROMPT_WEIGHT = 0.05
     # lambda of L_anchor's repulsion term.
     h.VL.ANCHOR_LAMBDA = 0.1
+    # L_anchor's repulsion over the other classes j != k: "mean" (our default; the
+    # paper's eq. 4 sums, which outweighs the anchor at K >= 81, see vl_losses.anchor_loss)
+    # or "sum" (eq. 4 as written).
+    h.VL.ANCHOR_REPULSION = "mean"
     h.VL.MASK_ENABLED = True
     h.VL.MASK_WEIGHT = 0.5
     # Also blank pseudo-labelled classes of unlabelled images for L_mask / L_pt.
@@ -263,6 +279,12 @@ def _add_solver(s: CN) -> None:
     s.HEAD_MULTIPLIER = 4.0
     s.LR_SCHEDULER_NAME = "WarmupPolyLR"
     s.POLY_LR_POWER = 0.9
+    # Weight decay of embeddings (Mask2Former's WEIGHT_DECAY_EMBED): nn.Embedding tables,
+    # position/level embeddings, the CLS token, the prompt context vectors, the
+    # classifier's void vector, and the learned scalars (HSQG gate w, b; classifier
+    # log-scale). WEIGHT_DECAY applies to weights, WEIGHT_DECAY_NORM (detectron2's key) to
+    # normalisation layers; setting all three equal gives one uniform decay.
+    s.WEIGHT_DECAY_EMBED = 0.0
     # Mixed precision (SOLVER.AMP.ENABLED): "bfloat16" (CPU or GPU) or "float16" (GPU,
     # with a gradient scaler). The MSDeformAttn op always computes in float32.
     s.AMP.PRECISION = "bfloat16"
@@ -286,5 +308,9 @@ def _add_test(t: CN) -> None:
     t.SLIDING_WINDOW.CROP_SIZE = 512
     # Stride between windows; 0 = half the crop (50% overlap).
     t.SLIDING_WINDOW.STRIDE = 0
+    # Drop the classes HSQG pruned for an image (or window) from its final scores. The
+    # visual queries can vote for any class, so without this a pruned class can still win
+    # a pixel. No effect with HSQG.ENABLED False (every class is active).
+    t.PRUNE_CLASSES = False
     # Open vocabulary: replace the dataset's class names at inference ([] = keep).
     t.VOCABULARY = []

@@ -17,7 +17,7 @@ Shape letters: B images, K classes, H×W padded batch size.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ from hiervl.modeling.objective import HierVLObjective, LabeledBatch, UnlabeledBa
 logger = logging.getLogger(__name__)
 
 IGNORE_LABEL = 255
+# Image entries of the training dicts (their sizes decide the batch size).
+_IMAGE_KEYS = ("image", "image_weak", "image_strong1", "image_strong2")
 
 
 def vocabulary_from_cfg(cfg) -> List[str]:
@@ -71,6 +73,7 @@ class HierVL(nn.Module):
         sliding_window: bool,
         window_crop: int,
         window_stride: int,
+        prune_classes: bool,
     ):
         """
         Args:
@@ -80,6 +83,7 @@ class HierVL(nn.Module):
             sliding_window: evaluate with overlapping windows (TEST.SLIDING_WINDOW.ENABLED).
             window_crop: window size (TEST.SLIDING_WINDOW.CROP_SIZE).
             window_stride: window stride (TEST.SLIDING_WINDOW.STRIDE; 0 = crop // 2).
+            prune_classes: drop the classes HSQG pruned from the scores (TEST.PRUNE_CLASSES).
         """
         super().__init__()
         self.model = model
@@ -89,6 +93,7 @@ class HierVL(nn.Module):
         self.sliding_window = sliding_window
         self.window_crop = window_crop
         self.window_stride = window_stride if window_stride > 0 else max(window_crop // 2, 1)
+        self.prune_classes = prune_classes
 
     @classmethod
     def from_config(cls, cfg):
@@ -102,6 +107,7 @@ class HierVL(nn.Module):
             "sliding_window": sw.ENABLED,
             "window_crop": sw.CROP_SIZE,
             "window_stride": sw.STRIDE,
+            "prune_classes": cfg.TEST.PRUNE_CLASSES,
         }
 
     @property
@@ -113,56 +119,69 @@ class HierVL(nn.Module):
         self.model.set_vocabulary(class_names, source=source)
 
     # ------------------------------------------------------------------ batching
-    def _images(self, dicts: List[dict], key: str) -> torch.Tensor:
-        """Stack uint8 (3,H,W) images of one stream (same size) and normalise → (B,3,H,W)."""
-        images = [d[key].to(self.device, non_blocking=True) for d in dicts]
-        sizes = {tuple(x.shape) for x in images}
-        if len(sizes) != 1:
-            raise ValueError(f"training images of one batch must share a size, got {sorted(sizes)}")
-        images = torch.stack(images).float()
-        return (images - self.pixel_mean) / self.pixel_std
-
-    def _pad(self, x: torch.Tensor, value: float) -> torch.Tensor:
-        """Pad the last two dims at bottom/right to multiples of the patch size."""
+    def _batch_size(self, *streams: List[dict]) -> Tuple[int, int]:
+        """(H, W) every map of these streams is padded to: the largest image, rounded up
+        to multiples of the patch size (crops share a size; with INPUT.CROP.ENABLED False
+        the rescaled images differ, as in detectron2's ImageList)."""
         div = self.model.size_divisibility
-        pad_h, pad_w = (-x.shape[-2]) % div, (-x.shape[-1]) % div
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), value=value)
-        return x
+        sizes = [d[key].shape[-2:] for ds in streams for d in ds for key in d if key in _IMAGE_KEYS]
+        height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        return -(-height // div) * div, -(-width // div) * div
+
+    def _stack(self, maps: List[torch.Tensor], size: Tuple[int, int], value) -> torch.Tensor:
+        """Pad each (..., h, w) map at bottom/right to ``size`` with ``value`` and stack."""
+        padded = [
+            F.pad(
+                m.to(self.device), (0, size[1] - m.shape[-1], 0, size[0] - m.shape[-2]), value=value
+            )
+            for m in maps
+        ]
+        return torch.stack(padded)
+
+    def _images(self, dicts: List[dict], key: str, size: Tuple[int, int]) -> torch.Tensor:
+        """Normalised images of one stream, padded with 0 (the mean colour) → (B,3,H,W)."""
+        images = [
+            (d[key].to(self.device).float() - self.pixel_mean) / self.pixel_std for d in dicts
+        ]
+        return self._stack(images, size, 0.0)
+
+    def _padding(self, dicts: List[dict], key: str, size: Tuple[int, int]) -> torch.Tensor:
+        """(B,H,W) bool, True on padding: the mapper's (crop) padding, then the batch's."""
+        maps = [
+            d[key].bool() if key in d else torch.zeros(d["image"].shape[-2:], dtype=torch.bool)
+            for d in dicts
+        ]
+        return self._stack(maps, size, True)
 
     def _labeled_batch(self, dicts: List[dict]) -> LabeledBatch:
-        labels = torch.stack([d["sem_seg"].to(self.device) for d in dicts]).long()
+        size = self._batch_size(dicts)
         return LabeledBatch(
-            images=self._pad(self._images(dicts, "image"), 0.0),
-            labels=self._pad(labels, IGNORE_LABEL),
+            images=self._images(dicts, "image", size),
+            labels=self._stack([d["sem_seg"].long() for d in dicts], size, IGNORE_LABEL),
+            padding=self._padding(dicts, "padding_mask", size),
         )
 
     def _unlabeled_batch(self, dicts: List[dict], partner: List[dict]) -> UnlabeledBatch:
-        def masks(ds, key):
-            return self._pad(torch.stack([d[key].to(self.device) for d in ds]).bool(), True)
+        # One size for both: CutMix pastes the partner's pixels at the same coordinates.
+        size = self._batch_size(dicts, partner)
 
         def boxes(ds, key):
-            return self._pad(torch.stack([d[key].to(self.device) for d in ds]).bool(), False)
+            return self._stack([d[key].bool() for d in ds], size, False)
 
-        imgs = {
-            k: self._pad(self._images(dicts, k), 0.0)
-            for k in ("image_weak", "image_strong1", "image_strong2")
-        }
-        mix = {
-            k: self._pad(self._images(partner, k), 0.0)
-            for k in ("image_weak", "image_strong1", "image_strong2")
-        }
+        views = ("image_weak", "image_strong1", "image_strong2")
+        imgs = {k: self._images(dicts, k, size) for k in views}
+        mix = {k: self._images(partner, k, size) for k in views}
         return UnlabeledBatch(
             weak=imgs["image_weak"],
             strong1=imgs["image_strong1"],
             strong2=imgs["image_strong2"],
             box1=boxes(dicts, "cutmix_box1"),
             box2=boxes(dicts, "cutmix_box2"),
-            ignore=masks(dicts, "ignore_mask"),
+            ignore=self._padding(dicts, "ignore_mask", size),
             mix_weak=mix["image_weak"],
             mix_strong1=mix["image_strong1"],
             mix_strong2=mix["image_strong2"],
-            mix_ignore=masks(partner, "ignore_mask"),
+            mix_ignore=self._padding(partner, "ignore_mask", size),
         )
 
     # ------------------------------------------------------------------ forward
@@ -212,7 +231,7 @@ class HierVL(nn.Module):
             image = self._normalized(item)
             if self.sliding_window:
                 scores = sliding_window_inference(
-                    lambda x: self.model.predict_scores(x, text),
+                    lambda x: self.model.predict_scores(x, text, prune_classes=self.prune_classes),
                     image,
                     crop=self.window_crop,
                     stride=self.window_stride,
@@ -220,7 +239,7 @@ class HierVL(nn.Module):
                     progress=progress,
                 )
             else:
-                scores = self.model.predict_scores(image, text)
+                scores = self.model.predict_scores(image, text, prune_classes=self.prune_classes)
             height = item.get("height", image.shape[-2])
             width = item.get("width", image.shape[-1])
             if tuple(scores.shape[-2:]) != (height, width):

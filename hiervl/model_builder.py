@@ -75,6 +75,7 @@ def build_hiervl_model(cfg, class_names: Sequence[str]) -> HierVLModel:
         init_scale=h.HSQG.INIT_SCALE,
         init_bias=h.HSQG.INIT_BIAS,
         enabled=h.HSQG.ENABLED,
+        labeled_gate=h.HSQG.LABELED_GATE,
     )
     pixel_decoder = CMSAMPixelDecoder(
         input_shape=towers.backbone.output_shape(),
@@ -92,6 +93,7 @@ def build_hiervl_model(cfg, class_names: Sequence[str]) -> HierVLModel:
         cmsam_ffn_dim=h.CMSAM.FFN_DIM,
         cmsam_dropout=h.CMSAM.DROPOUT,
         num_text_levels=h.HSQG.NUM_LEVELS,
+        mask_padding=h.PIXEL_DECODER.MASK_PADDING,
         norm_groups=min(32, h.PIXEL_DECODER.CONV_DIM),
         checkpointing=h.CHECKPOINTING.PIXEL_DECODER,
     )
@@ -166,6 +168,7 @@ def build_objective(cfg, clip_dim: int) -> HierVLObjective:
         prompt_projector=PromptProjector(dim=clip_dim) if h.VL.PROMPT_ENABLED else None,
         prompt_weight=h.VL.PROMPT_WEIGHT if h.VL.PROMPT_ENABLED else 0.0,
         anchor_lambda=h.VL.ANCHOR_LAMBDA,
+        anchor_repulsion=h.VL.ANCHOR_REPULSION,
         mask_weight=h.VL.MASK_WEIGHT if h.VL.MASK_ENABLED else 0.0,
         mask_on_unlabeled=h.VL.MASK_ON_UNLABELED,
         pt_weight=h.VL.PT_WEIGHT if h.VL.PT_ENABLED else 0.0,

@@ -139,9 +139,9 @@ def test_sliding_window_averages_several_windows(model, monkeypatch):
     calls = []
     predict = model.model.predict_scores
 
-    def spy(images, text=None):
+    def spy(images, text=None, **kwargs):
         calls.append(tuple(images.shape[-2:]))
-        return predict(images, text)
+        return predict(images, text, **kwargs)
 
     monkeypatch.setattr(model.model, "predict_scores", spy)
     model.sliding_window, model.window_crop, model.window_stride = True, 32, 16
@@ -227,6 +227,60 @@ def test_supervised_and_two_stream_batches(model):
     }
     losses = _train_step(model, batch)
     assert {"loss_unsup_s1", "loss_unsup_s2", "loss_unsup_fp"} <= set(losses)
+
+
+def test_images_of_different_sizes_are_padded_and_the_padding_reaches_the_decoder(
+    model, monkeypatch
+):
+    """INPUT.CROP.ENABLED False: images of a batch differ in size. They are padded to the
+    largest (rounded up to the patch grid) like detectron2's ImageList, labels with 255,
+    and the padding maps (the mapper's crop padding, then the batch's) reach the pixel
+    decoder in every pass: labelled, teacher (weak + partner), strong views, fp view."""
+    labeled = _labeled()
+    labeled[0] = {"image": _image(48, 40, seed=1), "sem_seg": labeled[0]["sem_seg"][:48, :40]}
+    crop_padding = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    crop_padding[:, 56:] = True  # the mapper padded this crop's last 8 columns
+    labeled[1] = dict(labeled[1], padding_mask=crop_padding)
+    batch = model._labeled_batch(labeled)
+    assert batch.images.shape == (2, 3, SIZE, SIZE)
+    assert (batch.labels[0, 48:] == 255).all() and (batch.labels[0, :, 40:] == 255).all()
+    assert torch.equal(batch.labels[0, :48, :40], labeled[0]["sem_seg"])
+    expected = torch.ones(2, SIZE, SIZE, dtype=torch.bool)
+    expected[0, :48, :40] = False
+    expected[1] = crop_padding
+    assert torch.equal(batch.padding, expected)
+    assert (batch.images[0, :, 48:] == 0).all()  # normalised 0 = CLIP's mean colour
+
+    unlabeled = _unlabeled()
+    small = {k: v[..., :40, :56].contiguous() for k, v in unlabeled[1].items()}
+    unlabeled[1] = small
+    seen = []
+    decoder_forward = model.model.pixel_decoder.forward
+
+    def spy(features, queries, active, padding=None):
+        seen.append(None if padding is None else padding.clone())
+        return decoder_forward(features, queries, active, padding)
+
+    monkeypatch.setattr(model.model.pixel_decoder, "forward", spy)
+    two_stream = {
+        "labeled": labeled,
+        "unlabeled": unlabeled,
+        "unlabeled_mix": _unlabeled(seed=20),
+        "iteration": 0,
+        "max_iter": 10,
+    }
+    _train_step(model, two_stream)
+    labelled_pass, teacher, strong, fp = seen
+    assert torch.equal(labelled_pass, expected)
+    own = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
+    own[1] = True
+    own[1, :40, :56] = False
+    assert torch.equal(teacher, torch.cat([own, torch.zeros_like(own)]))  # partners: full size
+    assert torch.equal(fp, own)
+    box1 = torch.stack([unlabeled[0]["cutmix_box1"], torch.zeros(SIZE, SIZE, dtype=torch.bool)])
+    box1[1, :40, :56] = small["cutmix_box1"]
+    # Inside the CutMix box the pixels are the (unpadded) partner's.
+    assert torch.equal(strong[:2], own & ~box1)
 
 
 def test_ssl_off_ignores_the_unlabelled_stream():

@@ -164,7 +164,8 @@ class _Geometry:
 
 class LabeledMapper:
     """Labelled training stream: ``{"image": (3,h,w) uint8, "sem_seg": (h,w) long,
-    "file_name", "height", "width"}``; padded label pixels are ``ignore_label``."""
+    "padding_mask": (h,w) bool (True = padding), "file_name", "height", "width"}``; padded
+    label pixels are ``ignore_label``."""
 
     @configurable
     def __init__(
@@ -198,10 +199,12 @@ class LabeledMapper:
         image = read_rgb(dataset_dict["file_name"])
         check_record_size(dataset_dict, image)
         label = _read_matching_label(dataset_dict, image)
-        image, label, _ = self.geometry(image, label, rng)
+        image, label, padded = self.geometry(image, label, rng)
         return {
             "image": _image_to_tensor(image),
             "sem_seg": torch.from_numpy(label.astype(np.int64)),
+            # Not derivable from the label: 255 also marks the dataset's own ignore pixels.
+            "padding_mask": torch.from_numpy(np.ascontiguousarray(padded)),
             "file_name": dataset_dict["file_name"],
             "height": dataset_dict["height"],
             "width": dataset_dict["width"],

@@ -6,6 +6,12 @@ AdamW with per-parameter learning-rate multipliers through detectron2's
 dual-query decoder with its mask head, the prompt and its projector Φ_p) at
 ``HEAD_MULTIPLIER`` ×, the rest (the backbone's feature pyramid, the pixel decoder's
 deformable encoder and FPN) at 1×. Frozen towers have ``requires_grad=False`` and are skipped.
+Weight decay follows Mask2Former: ``WEIGHT_DECAY`` on weights, ``WEIGHT_DECAY_NORM`` on
+normalisation layers, ``WEIGHT_DECAY_EMBED`` on embeddings (both 0 by default): the
+``nn.Embedding`` tables, the position embeddings, the prompt context vectors, the void
+vector, and the learned scalars (HSQG's gate w, b and the classifier's log-scale). Decay
+pulls a parameter towards 0, which is a meaningful prior for a weight matrix but not for
+a position, a token, a temperature or a gate offset.
 The schedule is linear warm-up then polynomial decay (power ``POLY_LR_POWER``).
 Gradient clipping (SOLVER.CLIP_GRADIENTS) adds Mask2Former's "full_model" type (one norm
 over all gradients) to detectron2's per-parameter "norm" and "value".
@@ -13,9 +19,10 @@ over all gradients) to detectron2's per-parameter "norm" and "value".
 
 import torch
 from detectron2.solver import get_default_optimizer_params
-from detectron2.solver.build import maybe_add_gradient_clipping
+from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
+from torch import nn
 
 # Parameter-name prefixes (``HierVL.named_parameters()``: the network is ``model``, the
 # losses' own parameters ``objective``) of each LR group. The backbone's simple feature
@@ -27,6 +34,18 @@ HEAD_PREFIXES = (
     "model.decoder.",  # includes the dynamic mask head
     "model.text_encoder.",  # only the prompt context requires grad there
     "objective.prompt_projector.",  # Φ_p of L_prompt
+)
+
+# Attribute names of the parameters that get WEIGHT_DECAY_EMBED (detectron2's ``overrides``
+# match a parameter's own name, whatever module holds it).
+EMBEDDING_PARAMETER_NAMES = (
+    "positional_embedding",  # CLIP ViT position embeddings
+    "class_embedding",  # CLIP ViT's CLS token
+    "level_embed",  # the pixel decoder's level embeddings
+    "prompt",  # CoOp context vectors of the text encoder
+    "void_embed",  # the classifier's no-object vector
+    "logit_scale",  # HSQG gate w; the classifier's log-temperature
+    "logit_bias",  # HSQG gate b
 )
 
 
@@ -49,11 +68,12 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
             head_multiplier=cfg.SOLVER.HEAD_MULTIPLIER,
         )
 
-    params = get_default_optimizer_params(
+    params = optimizer_param_groups(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
         weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        weight_decay_embed=cfg.SOLVER.WEIGHT_DECAY_EMBED,
         lr_factor_func=factor,
     )
     name = cfg.SOLVER.OPTIMIZER.upper()
@@ -65,6 +85,39 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     else:
         raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {cfg.SOLVER.OPTIMIZER!r}")
     return with_gradient_clipping(cfg, optim_cls)(params, **kwargs)
+
+
+def optimizer_param_groups(
+    model: nn.Module,
+    *,
+    base_lr: float,
+    weight_decay: float,
+    weight_decay_norm: float,
+    weight_decay_embed: float,
+    lr_factor_func,
+) -> list:
+    """detectron2's ``get_default_optimizer_params`` with the embedding decay on top.
+
+    Embeddings named in ``EMBEDDING_PARAMETER_NAMES`` are reached by detectron2's name
+    overrides; an ``nn.Embedding``'s table is called ``weight`` like every linear layer's,
+    so those tables are found by module type and regrouped afterwards.
+    """
+    groups = get_default_optimizer_params(
+        model,
+        base_lr=base_lr,
+        weight_decay=weight_decay,
+        weight_decay_norm=weight_decay_norm,
+        lr_factor_func=lr_factor_func,
+        overrides={n: {"weight_decay": weight_decay_embed} for n in EMBEDDING_PARAMETER_NAMES},
+    )
+    tables = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    per_param = []
+    for group in groups:
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        for p in group["params"]:
+            extra = {"weight_decay": weight_decay_embed} if id(p) in tables else {}
+            per_param.append({**hyper, **extra, "params": [p]})
+    return reduce_param_groups(per_param)
 
 
 def with_gradient_clipping(cfg, optim_cls: type) -> type:

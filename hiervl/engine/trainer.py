@@ -25,6 +25,7 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter, Tensorboard
 import hiervl.meta_arch  # noqa: F401  (registers the HierVL meta-architecture)
 from hiervl.data.loader import build_test_loader, build_two_stream_train_loader
 from hiervl.engine.checkpoint import HierVLCheckpointer, atomic_write_text
+from hiervl.engine.hooks import SilentConsistencyWarning
 from hiervl.engine.optim import build_lr_scheduler, build_optimizer
 from hiervl.engine.step import SemiSupervisedStep
 from hiervl.evaluation.evaluator import HierVLSemSegEvaluator
@@ -118,6 +119,11 @@ class HierVLTrainer(DefaultTrainer):
                 ret[i] = hooks.PeriodicWriter(self.build_writers(), period=period)
             elif isinstance(h, hooks.LRScheduler):
                 ret[i] = LRScheduler()
+        silent = silent_consistency_hook(self.cfg)
+        if silent is not None:
+            # Before the writers, so its scalar is written with the iteration's losses.
+            writers = [i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)]
+            ret.insert(writers[0] if writers else len(ret), silent)
         return ret
 
     @classmethod
@@ -149,6 +155,21 @@ class HierVLTrainer(DefaultTrainer):
         if comm.is_main_process() and results:
             write_metrics_json(cfg, results)
         return results
+
+
+def silent_consistency_hook(cfg):
+    """The hook warning about a silent consistency loss (None when it cannot be silent:
+    supervised-only training, or the threshold-free ``pixelavg`` mode)."""
+    ssl = cfg.MODEL.HIERVL.SSL
+    if not ssl.ENABLED or ssl.CONSISTENCY_MODE != "pixel":
+        return None
+    if ssl.SILENT_WARNING_ITERS < 0:
+        raise ValueError(
+            f"MODEL.HIERVL.SSL.SILENT_WARNING_ITERS must be >= 0 (0 = a tenth of "
+            f"SOLVER.MAX_ITER), got {ssl.SILENT_WARNING_ITERS}"
+        )
+    patience = ssl.SILENT_WARNING_ITERS or max(1, cfg.SOLVER.MAX_ITER // 10)
+    return SilentConsistencyWarning(conf_threshold=ssl.CONF_THRESHOLD, patience=patience)
 
 
 def wrap_ddp(model):

@@ -12,7 +12,7 @@ F feature levels, D width.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -130,6 +130,7 @@ class DeformableEncoderLayer(nn.Module):
         reference_points: torch.Tensor,
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
+        padding: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -138,9 +139,12 @@ class DeformableEncoderLayer(nn.Module):
             reference_points: (B, S, F, 2) normalised (x, y).
             spatial_shapes: (F, 2) long (h_f, w_f).
             level_start_index: (F,) long offset of each level in S.
+            padding: (B, S) bool, True = padded position (its value reads 0), or None.
         Returns:
             (B, S, D)
         """
-        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
+        attn = self.self_attn(
+            src + pos, reference_points, src, spatial_shapes, level_start_index, padding
+        )
         src = self.norm1(src + self.drop(attn))
         return self.norm2(src + self.drop(self.ffn(src)))

@@ -112,6 +112,7 @@ class HierVLModel(nn.Module):
         text: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
         with_frozen: bool = False,
         static_shapes: bool = False,
+        padding: Optional[torch.Tensor] = None,
     ) -> Dict[str, object]:
         """Predict masks and classes for a batch.
 
@@ -128,6 +129,8 @@ class HierVLModel(nn.Module):
                 depends on the data. Every class keeps its text queries (pruned ones
                 masked, not removed: Q = L·K + M) and HSQG's resize runs as constant
                 matrices; the valid queries' outputs equal the default path's.
+            padding: (B,H,W) bool, True on padded pixels (crop or batch padding), which the
+                pixel decoder's attention then ignores; None = no padding.
         Returns:
             The decoder's dict (``pred_logits`` (B,Q,K+1), ``pred_masks`` (B,Q,h,w),
             Q = L·K' + M with K' the classes active in at least one image,
@@ -152,7 +155,7 @@ class HierVLModel(nn.Module):
             queries, active, classes = gen.queries, gen.active, None
         else:
             queries, active, classes = live_text_queries(gen.queries, gen.active)
-        pix = self.pixel_decoder(features, queries, active)
+        pix = self.pixel_decoder(features, queries, active, padding)
         out = self.decoder(
             pix.text_queries,
             active,
@@ -212,18 +215,24 @@ class HierVLModel(nn.Module):
     ) -> torch.Tensor:
         """Inference on one window: (B,3,H,W) any size → scores S (B,K,H,W).
 
-        The window is zero-padded at the bottom/right to a multiple of the patch size
-        and the padding is cropped from the scores. ``text``: cached ``class_embeddings()``.
+        The window is zero-padded at the bottom/right to a multiple of the patch size (the
+        pixel decoder is told which pixels are padding) and the padding is cropped from
+        the scores. ``text``: cached ``class_embeddings()``.
         ``static_shapes``: export mode (see :meth:`forward`), the same scores.
-        ``prune_classes``: zero the scores of the classes HSQG pruned for the image
-        (visual queries may otherwise still vote for them; DESIGN §1.4).
+        ``prune_classes`` (TEST.PRUNE_CLASSES): zero the scores of the classes HSQG pruned
+        for the image, so that the visual queries (which may vote for any class) cannot
+        label a pixel with one of them (DESIGN §1.4).
         """
         h, w = images.shape[-2:]
         div = self.size_divisibility
         pad_h, pad_w = (-h) % div, (-w) % div
+        padding = None
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
-        out = self(images, text=text, static_shapes=static_shapes)
+            padding = torch.ones(images.shape[:1] + images.shape[2:], dtype=torch.bool)
+            padding[:, :h, :w] = False
+            padding = padding.to(images.device)
+        out = self(images, text=text, static_shapes=static_shapes, padding=padding)
         # Mask2Former's order: resize the mask logits, then combine (sharper boundaries
         # than combining at stride 4 and resizing the class scores).
         masks = F.interpolate(

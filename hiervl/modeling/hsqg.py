@@ -5,6 +5,7 @@ Turns the K class-text embeddings into L levels of relevance-gated decoder queri
     q_k^(l) = MLP_l(t_k)                          L separate 2-layer MLPs C -> D
     s_k     = sigmoid(w * cos(v, t_k) + b)         predicted relevance, scalar learnable w, b
     gate_k  = 1[k in ground truth]  (labelled images)   |   s_k  (other images)
+              with labeled_gate="union": 1 on ground-truth classes, s_k on the others
     q~_k^(l) = gate_k * q_k^(l)
     active  = {k : gate_k >= threshold}, topped up to the ``min_active`` best-ranked classes
 
@@ -15,6 +16,13 @@ Everything is fixed-size (B, ..., K, ...) with a boolean ``active`` mask. Downst
 classes inactive in every image of the batch are not computed at all
 (``hiervl_model.live_text_queries``); the others are pruned per image (key padding in
 attention, dropped from outputs and losses).
+
+``labeled_gate`` decides the labelled images' gate. "ground_truth" is the paper's rule:
+only the ground-truth classes are active, so a text query never meets a class that is
+absent and never learns to answer "no object", though at inference (predicted gate) it
+must. "union" (our option) keeps the predicted active set ∪ the ground-truth classes; the
+false-positive text queries are then valid and unmatched, and the criterion supervises
+them as no object.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+LABELED_GATES = ("ground_truth", "union")
 
 
 class HSQGOutput(NamedTuple):
@@ -59,6 +69,7 @@ class HSQG(nn.Module):
         init_scale: float,
         init_bias: float,
         enabled: bool,
+        labeled_gate: str,
     ):
         """
         Args:
@@ -70,6 +81,8 @@ class HSQG(nn.Module):
             init_scale: initial w of the relevance logit w * cos + b.
             init_bias: initial b of the relevance logit.
             enabled: False = ablation "static text queries" (gate 1, every class active).
+            labeled_gate: gate of labelled images, "ground_truth" (the paper) or "union"
+                (ground truth ∪ predicted active set, see the module docstring).
         """
         super().__init__()
         if num_levels < 1:
@@ -84,6 +97,11 @@ class HSQG(nn.Module):
                 f"HSQG.RELEVANCE_THRESHOLD must be in [0, 1] (it is compared with a "
                 f"sigmoid), got {relevance_threshold}"
             )
+        if labeled_gate not in LABELED_GATES:
+            raise ValueError(
+                f"HSQG.LABELED_GATE must be one of {LABELED_GATES}, got {labeled_gate!r}"
+            )
+        self.labeled_gate = labeled_gate
         self.num_levels = num_levels
         self.relevance_threshold = relevance_threshold
         self.min_active = min_active
@@ -170,7 +188,9 @@ class HSQG(nn.Module):
         presence: Optional[torch.Tensor],
         labeled: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        """(B, K): ground-truth indicator on labelled rows, predicted relevance elsewhere."""
+        """(B, K): ground-truth indicator on labelled rows (with ``labeled_gate="union"``:
+        1 on ground-truth classes, the predicted relevance on the others), predicted
+        relevance elsewhere."""
         if presence is None:
             if labeled is not None and bool(labeled.any()):
                 raise ValueError("HSQG: images are marked labelled but no presence was given")
@@ -187,7 +207,10 @@ class HSQG(nn.Module):
                 f"HSQG: labeled has shape {tuple(labeled.shape)}, expected (B,) = "
                 f"({relevance.shape[0]},)"
             )
-        return torch.where(labeled[:, None], presence.to(relevance.dtype), relevance)
+        truth = presence.to(relevance.dtype)
+        if self.labeled_gate == "union":
+            truth = torch.where(presence, truth, relevance)
+        return torch.where(labeled[:, None], truth, relevance)
 
     @torch.no_grad()
     def _active(

@@ -12,7 +12,11 @@ when semi-supervision is on, an unlabelled batch with its CutMix partner:
 - ``loss_vl_prompt``: L_topo + L_anchor on the prompt embeddings;
 - ``loss_vl_mask`` / ``loss_vl_pt``: masked consistency and pixel-text alignment on
   images with one class blanked.
-Every returned value is already weighted; the total loss is their sum.
+Every returned value is already weighted; the total loss is their sum. After each call,
+``confident_fraction`` holds the share of the weak views' valid pixels (the images' and
+their CutMix partners') whose pseudo-label passed SSL.CONF_THRESHOLD (None without an
+unlabelled batch or in ``pixelavg`` mode), for the hook that warns when the consistency
+loss stays silent.
 
 Shape letters: B images, K classes, H×W the (padded) crop, N ViT tokens, C CLIP width.
 """
@@ -29,6 +33,7 @@ from hiervl.modeling.criterion import semantic_to_targets
 from hiervl.modeling.hiervl_model import HierVLModel
 from hiervl.modeling.ssl_losses import (
     UNIMATCH_WEIGHTS,
+    confident_fraction,
     consistency_loss,
     entropy_loss,
     maskclip_loss,
@@ -47,10 +52,12 @@ IGNORE = 255
 
 
 class LabeledBatch(NamedTuple):
-    """images: (B,3,H,W) normalised; labels: (B,H,W) long, 255 = ignore/padding."""
+    """images: (B,3,H,W) normalised; labels: (B,H,W) long, 255 = ignore/padding;
+    padding: (B,H,W) bool, True = padded pixel (None = none)."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    padding: Optional[torch.Tensor] = None
 
 
 class UnlabeledBatch(NamedTuple):
@@ -99,6 +106,7 @@ class HierVLObjective(nn.Module):
         prompt_projector: Optional[nn.Module],
         prompt_weight: float,
         anchor_lambda: float,
+        anchor_repulsion: str,
         mask_weight: float,
         mask_on_unlabeled: bool,
         pt_weight: float,
@@ -115,6 +123,7 @@ class HierVLObjective(nn.Module):
             maskclip_certainty, maskclip_logit_scale: SSL.MASKCLIP_CERTAINTY / LOGIT_SCALE.
             prompt_projector: Φ_p of L_anchor (None = L_prompt off).
             prompt_weight, anchor_lambda: VL.PROMPT_WEIGHT / VL.ANCHOR_LAMBDA.
+            anchor_repulsion: VL.ANCHOR_REPULSION, "mean" or "sum" over j != k.
             mask_weight, pt_weight: weights of L_mask / L_pt; 0 = off.
             mask_on_unlabeled: also blank confidently pseudo-labelled classes of the weak
                 unlabelled view for L_mask / L_pt.
@@ -135,10 +144,12 @@ class HierVLObjective(nn.Module):
         self.prompt_projector = prompt_projector
         self.prompt_weight = prompt_weight
         self.anchor_lambda = anchor_lambda
+        self.anchor_repulsion = anchor_repulsion
         self.mask_weight = mask_weight
         self.mask_on_unlabeled = mask_on_unlabeled
         self.pt_weight = pt_weight
         self.pt_temperature = pt_temperature
+        self.confident_fraction: Optional[float] = None
 
     @property
     def semi_supervised(self) -> bool:
@@ -158,18 +169,30 @@ class HierVLObjective(nn.Module):
         text = model.class_embeddings()
         losses, frozen = self.supervised_losses(model, labeled, text)
         pseudo = None
+        self.confident_fraction = None
         if unlabeled is not None:
             if not self.semi_supervised:
                 raise ValueError("an unlabelled batch was given but SSL.ENABLED is False")
             scale = UNIMATCH_WEIGHTS["x"]
             losses = {k: v * scale for k, v in losses.items()}
             pseudo = self.teacher_targets(model, unlabeled, text)
+            if self.consistency_mode == "pixel":
+                # Own and partner weak views: every pseudo-label a consistency term reads.
+                self.confident_fraction = confident_fraction(
+                    torch.cat([p.conf for p in pseudo]),
+                    torch.cat([p.ignore for p in pseudo]),
+                    conf_threshold=self.conf_threshold,
+                )
             losses.update(
                 self.unsupervised_losses(model, unlabeled, pseudo, text, iteration, max_iter)
             )
         if self.prompt_weight > 0:
             losses["loss_vl_prompt"] = self.prompt_weight * prompt_regularity_loss(
-                text[0], text[1], self.prompt_projector, repulsion=self.anchor_lambda
+                text[0],
+                text[1],
+                self.prompt_projector,
+                repulsion=self.anchor_lambda,
+                reduction=self.anchor_repulsion,
             )
         if self.mask_weight > 0 or self.pt_weight > 0:
             losses.update(self.masked_losses(model, labeled, frozen, unlabeled, pseudo, text))
@@ -188,7 +211,13 @@ class HierVLObjective(nn.Module):
         for i, tgt in enumerate(targets):
             presence[i, tgt["labels"]] = True
         needs_frozen = self.mask_weight > 0 or self.pt_weight > 0  # masked_losses reads it
-        out = model(labeled.images, presence=presence, text=text, with_frozen=needs_frozen)
+        out = model(
+            labeled.images,
+            presence=presence,
+            text=text,
+            with_frozen=needs_frozen,
+            padding=labeled.padding,
+        )
         losses = self.criterion(out, targets, relevance=out["relevance"], text_clip=text[1])
         return losses, out["frozen"]
 
@@ -203,8 +232,11 @@ class HierVLObjective(nn.Module):
         model.eval()
         try:
             images = torch.cat([batch.weak, batch.mix_weak])
+            padding = torch.cat([batch.ignore, batch.mix_ignore])
             detached = (text[0].detach(), text[1].detach())
-            out = model(images, text=detached, with_frozen=self.maskclip_weight > 0)
+            out = model(
+                images, text=detached, with_frozen=self.maskclip_weight > 0, padding=padding
+            )
             probs = model.semantic_probs(model.semantic_scores(out, images.shape[-2:]))
         finally:
             model.train(was_training)
@@ -249,10 +281,17 @@ class HierVLObjective(nn.Module):
                 mix_images(batch.strong2, batch.mix_strong2, batch.box2),
             ]
         )
-        probs_s = model.semantic_probs(model.semantic_scores(model(strong, text=text), size))
-        probs_fp = model.semantic_probs(
-            model.semantic_scores(model(batch.weak, perturb_features=True, text=text), size)
+        # A mixed view's padding: the partner's inside the box, the image's outside.
+        padding_s = torch.cat(
+            [
+                torch.where(batch.box1, batch.mix_ignore, batch.ignore),
+                torch.where(batch.box2, batch.mix_ignore, batch.ignore),
+            ]
         )
+        out_s = model(strong, text=text, padding=padding_s)
+        probs_s = model.semantic_probs(model.semantic_scores(out_s, size))
+        out_fp = model(batch.weak, perturb_features=True, text=text, padding=batch.ignore)
+        probs_fp = model.semantic_probs(model.semantic_scores(out_fp, size))
         views = {"s1": (probs_s[:b], batch.box1), "s2": (probs_s[b:], batch.box2)}
         targets = {}
         for name, (_, box) in views.items():

@@ -21,13 +21,20 @@ Pipeline (DESIGN §1.5):
 With ``cmsam_enabled=False`` this is Mask2Former's pixel decoder and the text queries pass
 through unchanged.
 
+Padding (``padding``, True on pixels that are crop/batch padding, not image): a cell of
+encoder level f is padding when every input pixel it covers is. Padded cells are invisible
+to the deformable attention (their values read 0) and to CMSAM's text→pixel attention, so
+the text queries' visual context comes from the image alone and matches inference, where
+windows are not padded. Mask2Former passes all-False masks; training crops of images
+smaller than the crop (half of VOC's 512 crops at scales 0.5–2) are largely padding.
+
 Shape letters: B batch, L text levels, K classes, D = conv_dim, F encoder feature levels,
 P pixels, h_f×w_f the size of level f, H×W the input image.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +93,7 @@ class CMSAMPixelDecoder(nn.Module):
         cmsam_ffn_dim: int,
         cmsam_dropout: float,
         num_text_levels: int,
+        mask_padding: bool,
         norm_groups: int = 32,
         checkpointing: bool = False,
     ):
@@ -102,6 +110,8 @@ class CMSAMPixelDecoder(nn.Module):
             cmsam_enabled: False = ablation "CMSAM off".
             cmsam_heads, cmsam_ffn_dim, cmsam_dropout: CMSAM sizes.
             num_text_levels: L of the text queries; must be F or 1.
+            mask_padding: hide padded cells from the deformable attention and CMSAM
+                (PIXEL_DECODER.MASK_PADDING; False = Mask2Former's all-False masks).
             norm_groups: GroupNorm groups of every conv (Mask2Former uses 32).
             checkpointing: recompute each encoder layer and its CMSAM in the backward
                 instead of storing their activations (CHECKPOINTING.PIXEL_DECODER).
@@ -140,6 +150,7 @@ class CMSAMPixelDecoder(nn.Module):
         self.conv_dim = conv_dim
         self.num_text_levels = num_text_levels
         self.checkpointing = checkpointing
+        self.mask_padding = mask_padding
 
         self.input_proj = nn.ModuleList()
         for name in self.encoder_features:
@@ -183,12 +194,16 @@ class CMSAMPixelDecoder(nn.Module):
         features: Dict[str, torch.Tensor],
         text_queries: torch.Tensor,
         text_active: torch.Tensor,
+        padding: Optional[torch.Tensor] = None,
     ) -> PixelDecoderOutput:
         """
         Args:
             features: backbone maps {name: (B, channels, H/stride, W/stride)}.
             text_queries: (B, L, K, D) gated HSQG queries.
             text_active: (B, K) bool, classes kept by HSQG.
+            padding: (B, H, W) bool at the input image's size, True = padding pixel (every
+                image needs one real pixel), or None = no padding. Ignored unless
+                ``mask_padding``.
         Returns:
             PixelDecoderOutput (see its docstring).
         """
@@ -204,6 +219,9 @@ class CMSAMPixelDecoder(nn.Module):
             )
         src, pos, shapes = self._flatten_levels(features)
         batch = src.shape[0]
+        level_padding = None
+        if padding is not None and self.mask_padding:
+            level_padding = self._level_padding(padding, shapes)
         sizes = [h * w for h, w in shapes]
         spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=src.device)
         level_start_index = torch.tensor(
@@ -218,10 +236,16 @@ class CMSAMPixelDecoder(nn.Module):
             if self.checkpointing and torch.is_grad_enabled():
                 # Non-reentrant: keeps the RNG state for dropout and takes the ints as is.
                 src, text_queries = checkpoint(
-                    self._encoder_round, i, *args, sizes, text_active, use_reentrant=False
+                    self._encoder_round,
+                    i,
+                    *args,
+                    sizes,
+                    text_active,
+                    level_padding,
+                    use_reentrant=False,
                 )
             else:
-                src, text_queries = self._encoder_round(i, *args, sizes, text_active)
+                src, text_queries = self._encoder_round(i, *args, sizes, text_active, level_padding)
 
         multi_scale = [
             level.transpose(1, 2).reshape(batch, self.conv_dim, h, w)
@@ -246,12 +270,18 @@ class CMSAMPixelDecoder(nn.Module):
         level_start_index: torch.Tensor,
         sizes: List[int],
         text_active: torch.Tensor,
+        level_padding: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Deformable encoder layer ``i``, then its CMSAM: (src', text_queries')."""
-        src = self.encoder_layers[i](src, pos, reference_points, spatial_shapes, level_start_index)
+        """Deformable encoder layer ``i``, then its CMSAM: (src', text_queries').
+
+        ``level_padding``: (B, S) bool, True on padded positions, or None.
+        """
+        src = self.encoder_layers[i](
+            src, pos, reference_points, spatial_shapes, level_start_index, level_padding
+        )
         if self.cmsam_enabled:
             src, text_queries = self._align(
-                self.cmsam_layers[i], src, pos, sizes, text_queries, text_active
+                self.cmsam_layers[i], src, pos, sizes, text_queries, text_active, level_padding
             )
         return src, text_queries
 
@@ -277,6 +307,16 @@ class CMSAMPixelDecoder(nn.Module):
         pos = torch.cat(poss, dim=0)[None].expand(src.shape[0], -1, -1)
         return src, pos, shapes
 
+    @staticmethod
+    def _level_padding(padding: torch.Tensor, shapes: List[Tuple[int, int]]) -> torch.Tensor:
+        """(B, H, W) pixel padding → (B, S) flattened padding of the encoder levels: a cell
+        is padding when no real pixel falls inside it."""
+        if padding.dim() != 3:
+            raise ValueError(f"padding must be (B, H, W), got {tuple(padding.shape)}")
+        real = (~padding).float()[:, None]
+        levels = [F.adaptive_max_pool2d(real, (h, w)).flatten(1) == 0 for h, w in shapes]
+        return torch.cat(levels, dim=1)
+
     def _align(
         self,
         cmsam: CMSAM,
@@ -285,6 +325,7 @@ class CMSAMPixelDecoder(nn.Module):
         sizes: List[int],
         text_queries: torch.Tensor,
         text_active: torch.Tensor,
+        padding: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """One CMSAM round between the text hierarchy and the pixel levels.
 
@@ -293,15 +334,17 @@ class CMSAMPixelDecoder(nn.Module):
             sizes: F pixel counts h_f·w_f (coarse→fine).
             text_queries: (B, L, K, D) with L == F or L == 1.
             text_active: (B, K) bool.
+            padding: (B, S) bool, True = padded cell, or None.
         Returns:
             src': (B, S, D), text_queries': (B, L, K, D).
         """
         if self.num_text_levels == 1:
-            queries, src = cmsam(text_queries[:, 0], text_active, src, pos)
+            queries, src = cmsam(text_queries[:, 0], text_active, src, pos, padding)
             return src, queries[:, None]
+        pads = [None] * len(sizes) if padding is None else padding.split(sizes, 1)
         pixels, queries = [], []
-        for level, (x, p) in enumerate(zip(src.split(sizes, 1), pos.split(sizes, 1))):
-            q, x = cmsam(text_queries[:, level], text_active, x, p)
+        for level, (x, p, pad) in enumerate(zip(src.split(sizes, 1), pos.split(sizes, 1), pads)):
+            q, x = cmsam(text_queries[:, level], text_active, x, p, pad)
             pixels.append(x)
             queries.append(q)
         return torch.cat(pixels, dim=1), torch.stack(queries, dim=1)

@@ -30,8 +30,8 @@ __all__ = [
     "CONSISTENCY_MODES",
     "MASKCLIP_REDUCTIONS",
     "UNIMATCH_WEIGHTS",
+    "confident_fraction",
     "consistency_loss",
-    "combine_unimatch",
     "entropy_loss",
     "maskclip_loss",
     "maskclip_pseudo_labels",
@@ -106,6 +106,33 @@ def pseudo_labels(probs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return labels, confidence
 
 
+@torch.no_grad()
+def confident_fraction(
+    confidence: torch.Tensor,
+    ignore: torch.Tensor,
+    *,
+    conf_threshold: float,
+    ignore_value: int = 255,
+) -> float:
+    """Share of the valid pixels whose pseudo-label passes the confidence threshold.
+
+    0 means the ``pixel``-mode consistency loss is exactly 0 this iteration: the unlabelled
+    images contribute nothing through it.
+
+    Args:
+        confidence: (B,H,W) pseudo-label confidence of the weak view.
+        ignore: (B,H,W) ignore map (see :func:`valid_pixels`).
+        conf_threshold: MODEL.HIERVL.SSL.CONF_THRESHOLD.
+
+    Returns:
+        A float in [0, 1]; 0 when no pixel is valid.
+    """
+    _check_map(confidence[:, None], ignore, "ignore")
+    valid = valid_pixels(ignore, ignore_value=ignore_value)
+    keep = valid & (confidence.float() >= conf_threshold)
+    return float(keep.sum()) / max(int(valid.sum()), 1)
+
+
 def consistency_loss(
     probs: torch.Tensor,
     labels: torch.Tensor,
@@ -173,26 +200,6 @@ def consistency_loss(
     mean_conf = (confidence * valid_f).sum(dim=(1, 2)) / per_image_valid
     per_image_nll = (nll * valid_f).sum(dim=(1, 2))
     return (mean_conf * per_image_nll).sum() / num_valid
-
-
-def combine_unimatch(
-    loss_x: torch.Tensor,
-    loss_s1: torch.Tensor,
-    loss_s2: torch.Tensor,
-    loss_fp: torch.Tensor,
-) -> torch.Tensor:
-    """UniMatch's total ``(L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2``.
-
-    Args:
-        loss_x: () supervised loss of the labelled batch.
-        loss_s1, loss_s2: () consistency losses of the two strong (CutMixed) views.
-        loss_fp: () consistency loss of the feature-perturbed weak view.
-
-    Returns:
-        () weighted sum, using :data:`UNIMATCH_WEIGHTS`.
-    """
-    w = UNIMATCH_WEIGHTS
-    return w["x"] * loss_x + w["s1"] * loss_s1 + w["s2"] * loss_s2 + w["fp"] * loss_fp
 
 
 def entropy_loss(

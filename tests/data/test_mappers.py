@@ -49,7 +49,7 @@ def _labeled(scale=(1.0, 1.0), crop=None, flip=0.0):
 def test_labeled_output_format(tmp_path):
     record, _, _ = _write_sample(tmp_path, 20, 30)
     out = _labeled(scale=(0.5, 2.0), crop=(16, 24), flip=0.5)(record, np.random.default_rng(0))
-    assert set(out) == {"image", "sem_seg", "file_name", "height", "width"}
+    assert set(out) == {"image", "sem_seg", "padding_mask", "file_name", "height", "width"}
     assert out["image"].dtype == torch.uint8 and out["image"].shape == (3, 16, 24)
     assert out["sem_seg"].dtype == torch.long and out["sem_seg"].shape == (16, 24)
     assert (out["height"], out["width"]) == (20, 30), "height/width are the stored size"
@@ -63,6 +63,9 @@ def test_crop_pads_image_with_zero_and_label_with_ignore(tmp_path):
     assert np.array_equal(img[:20, :30], image) and np.array_equal(sem[:20, :30], label)
     assert (img[20:] == 0).all() and (img[:, 30:] == 0).all()
     assert (sem[20:] == 255).all() and (sem[:, 30:] == 255).all()
+    padding = np.ones((40, 50), dtype=bool)
+    padding[:20, :30] = False
+    assert np.array_equal(out["padding_mask"].numpy(), padding)
 
 
 def test_crop_is_a_window_of_the_image(tmp_path):

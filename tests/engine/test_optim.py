@@ -10,7 +10,8 @@ from hiervl.engine.optim import build_lr_scheduler, build_optimizer
 from hiervl.engine.trainer import HierVLTrainer
 
 BASE_LR, BACKBONE_MULT, HEAD_MULT = 1e-3, 0.25, 3.0
-WEIGHT_DECAY, WEIGHT_DECAY_NORM = 0.05, 0.0
+# Three distinct values, so every parameter's group is identified by its decay.
+WEIGHT_DECAY, WEIGHT_DECAY_NORM, WEIGHT_DECAY_EMBED = 0.05, 0.02, 0.03
 MAX_ITER, POWER = 20, 0.9
 
 
@@ -22,6 +23,7 @@ def _cfg(tmp_path, *opts):
         "SOLVER.HEAD_MULTIPLIER", HEAD_MULT,
         "SOLVER.WEIGHT_DECAY", WEIGHT_DECAY,
         "SOLVER.WEIGHT_DECAY_NORM", WEIGHT_DECAY_NORM,
+        "SOLVER.WEIGHT_DECAY_EMBED", WEIGHT_DECAY_EMBED,
         "SOLVER.MAX_ITER", MAX_ITER,
         "SOLVER.POLY_LR_POWER", POWER,
         *opts,
@@ -52,6 +54,29 @@ def expected_multiplier(name: str) -> float:
     raise AssertionError(f"trainable parameter {name} is in no group of the recipe")
 
 
+# Mask2Former's recipe (DESIGN §5): no decay on embeddings, written out by full name.
+EMBEDDINGS = {
+    "model.backbone.visual.positional_embedding",
+    "model.backbone.visual.class_embedding",
+    "model.pixel_decoder.level_embed",
+    "model.decoder.memory_level_embed.weight",
+    "model.decoder.text_level_embed.weight",
+    "model.decoder.visual_feat.weight",
+    "model.decoder.visual_pos.weight",
+    "model.text_encoder.prompt",
+    "model.decoder.mask_head.void_embed",
+    "model.decoder.mask_head.logit_scale",
+    "model.hsqg.logit_scale",
+    "model.hsqg.logit_bias",
+}
+
+
+def expected_decay(name: str, norm: bool) -> float:
+    if norm:
+        return WEIGHT_DECAY_NORM
+    return WEIGHT_DECAY_EMBED if name in EMBEDDINGS else WEIGHT_DECAY
+
+
 def test_lr_multipliers_weight_decay_and_frozen_towers(model, tmp_path):
     optimizer = build_optimizer(_cfg(tmp_path), model)
     group_of = {}
@@ -72,8 +97,7 @@ def test_lr_multipliers_weight_decay_and_frozen_towers(model, tmp_path):
             continue
         group = group_of[id(p)]
         assert group["lr"] == pytest.approx(BASE_LR * expected_multiplier(name)), name
-        decay = WEIGHT_DECAY_NORM if id(p) in norm_params else WEIGHT_DECAY
-        assert group["weight_decay"] == decay, name
+        assert group["weight_decay"] == expected_decay(name, id(p) in norm_params), name
         seen.add(name.split(".")[1] + "." + name.split(".")[2])
     assert len(group_of) == sum(p.requires_grad for p in model.parameters())
     # Every component is there, and the frozen towers are frozen.
@@ -91,6 +115,40 @@ def test_lr_multipliers_weight_decay_and_frozen_towers(model, tmp_path):
     )
     assert any(n.startswith("model.text_encoder.transformer.") for n in frozen)
     assert isinstance(optimizer, torch.optim.AdamW)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert EMBEDDINGS <= trainable, EMBEDDINGS - trainable
+
+
+def test_one_step_without_gradients_is_the_decay_alone(model, tmp_path):
+    """AdamW with zero gradients moves nothing but the decoupled decay:
+    p <- p (1 - lr · wd), so each parameter's factor shows the decay it really got.
+    With the defaults (embedding and norm decay 0) embeddings and norms keep their values."""
+    cfg = _cfg(tmp_path, "SOLVER.WEIGHT_DECAY_NORM", 0.0, "SOLVER.WEIGHT_DECAY_EMBED", 0.0)
+    optimizer = build_optimizer(cfg, model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    norm_params = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
+        for p in m.parameters(recurse=False)
+    }
+    try:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        optimizer.step()
+        for name, p in model.named_parameters():
+            if name not in before:
+                continue
+            decayed = id(p) not in norm_params and name not in EMBEDDINGS
+            lr = BASE_LR * expected_multiplier(name)
+            factor = 1.0 - lr * WEIGHT_DECAY if decayed else 1.0
+            torch.testing.assert_close(p.detach(), before[name] * factor, msg=name)
+    finally:
+        with torch.no_grad():  # the module-scoped model is shared with the other tests
+            for name, p in model.named_parameters():
+                if name in before:
+                    p.copy_(before[name])
 
 
 def _lrs_per_iteration(cfg, model):

@@ -376,3 +376,54 @@ def test_target_points_of_pairs_sharing_a_mask():
     centre = torch.tensor([[[(4 + 0.5) / 11, (7 + 0.5) / 9]]])  # x = column 4, y = row 7
     one = _sample_targets([maps[1]], torch.tensor([0]), torch.tensor([0]), centre)
     torch.testing.assert_close(one[0, 0], maps[1][0, 7, 4])
+
+
+# --- labelled images with the predicted ∪ ground-truth gate (HSQG.LABELED_GATE) ----------
+
+
+def test_union_gate_supervises_false_positive_text_queries_as_no_object():
+    """A labelled image whose ground truth is class 0 only, and whose predicted relevance is
+    high for class 1 (a false positive) and low for class 2. The paper's gate keeps class 0
+    alone; "union" also keeps class 1, whose text query is then valid, matched to nothing
+    and supervised as "no object". Checked through HSQG → matcher → CE, by hand."""
+    from hiervl.modeling.hsqg import HSQG
+
+    text = torch.eye(K, C)  # t_k = e_k
+    image = torch.eye(K, C)[1:2]  # v = e_1: cos = (0, 1, 0)
+    presence = torch.tensor([[True, False, False]])
+    w, b = 10.0, -2.5
+    relevance = torch.sigmoid(torch.tensor([b, w + b, b]))  # (0.076, 0.9994, 0.076)
+    valid_of = {}
+    for gate_rule in ("ground_truth", "union"):
+        hsqg = HSQG(
+            clip_dim=C, hidden_dim=4, num_levels=1, relevance_threshold=0.5, min_active=1,
+            init_scale=w, init_bias=b, enabled=True, labeled_gate=gate_rule,
+        )  # fmt: skip
+        gen = hsqg(text, image, presence)
+        torch.testing.assert_close(gen.relevance[0], relevance)
+        # Union: 1 on the ground truth, the predicted relevance on the other classes.
+        expected_gate = torch.tensor([1.0, 0.0, 0.0])
+        if gate_rule == "union":
+            expected_gate = torch.tensor([1.0, relevance[1], relevance[2]])
+        torch.testing.assert_close(gen.gate[0], expected_gate)
+        valid_of[gate_rule] = gen.active[0].tolist()
+    assert valid_of == {"ground_truth": [True, False, False], "union": [True, True, False]}
+
+    # One text query per class (L = 1) then one visual query; the image is all class 0.
+    targets = _full_image_targets([0])
+    for gate_rule, valid_text in valid_of.items():
+        out = _outputs(1, levels=1, num_visual=1, seed=3)
+        out["query_valid"] = torch.tensor([valid_text + [True]])
+        indices = _criterion().matcher(out, targets, generator=_gen())
+        query_idx, target_idx = indices[0]
+        # Text query 0 is fixed to the class-0 mask, the visual query is Hungarian-matched
+        # to it too (one target); the false-positive text query 1 is matched to nothing.
+        assert query_idx.tolist() == [0, K] and target_idx.tolist() == [0, 0]
+        losses = _criterion(deep_supervision=False)(out, targets, generator=_gen())
+        logp = out["pred_logits"][0].log_softmax(-1)
+        # (query, target class, CE weight): no-object (index K) is weighted 0.1.
+        terms = [(0, 0, 1.0), (K, 0, 1.0)]
+        if gate_rule == "union":
+            terms.append((1, K, 0.1))
+        expected = -sum(wt * logp[q, c] for q, c, wt in terms) / sum(wt for *_, wt in terms)
+        assert losses["loss_sup_ce"].item() == pytest.approx(expected.item(), rel=1e-6), gate_rule

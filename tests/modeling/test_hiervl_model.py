@@ -142,16 +142,25 @@ def test_semantic_probs_are_mask2former_scores_normalised_over_classes(model):
 
 @pytest.mark.parametrize("height,width", [(45, 67), (33, 50), (63, 31)])
 def test_predict_scores_crops_the_padding_back_off(model, height, width):
-    """An odd-sized window is zero-padded to multiples of 32 and the padding cropped away."""
+    """An odd-sized window is zero-padded to multiples of 32, the pixel decoder is told
+    which pixels are padding, and the padding is cropped away."""
     images = _images(2, height, width)
     padded_h, padded_w = -(-height // 32) * 32, -(-width // 32) * 32
     padded = F.pad(images, (0, padded_w - width, 0, padded_h - height))
+    padding = torch.ones(2, padded_h, padded_w, dtype=torch.bool)
+    padding[:, :height, :width] = False
     with torch.no_grad():
         scores = model.predict_scores(images)
-        reference = model.predict_scores(padded)
+        out = model(padded, padding=padding)
+        masks = F.interpolate(out["pred_masks"], size=(padded_h, padded_w), mode="bilinear")
+        reference = semantic_inference(out["pred_logits"], masks, out["query_valid"])
+        unmasked = model.predict_scores(padded)
     assert scores.shape == (2, len(CLASSES), height, width)
-    assert reference.shape == (2, len(CLASSES), padded_h, padded_w)
     torch.testing.assert_close(scores, reference[:, :, :height, :width])
+    # Without the padding map the padded cells are attended and the scores differ; a pad
+    # thinner than the finest encoder cell (8 px) leaves no cell fully padded.
+    thick = max(padded_h - height, padded_w - width) >= 8
+    assert torch.allclose(scores, unmasked[:, :, :height, :width], atol=1e-4) != thick
 
 
 def test_predict_scores_resizes_mask_logits_before_the_sigmoid(model):
@@ -163,6 +172,27 @@ def test_predict_scores_resizes_mask_logits_before_the_sigmoid(model):
         )
         expected = semantic_inference(out["pred_logits"], masks, out["query_valid"])
         torch.testing.assert_close(model.predict_scores(images), expected)
+
+
+def test_prune_classes_drops_what_hsqg_pruned(model):
+    """TEST.PRUNE_CLASSES: S[k] of a class HSQG pruned for the image is 0; the other
+    classes keep their scores. Without it the visual queries still give pruned classes
+    score mass (random init: the gate keeps MIN_ACTIVE = 1 class of 6)."""
+    images = _images(2, seed=9)
+    with torch.no_grad():
+        text = model.class_embeddings()
+        active = model(images, text=text)["active"]
+        plain = model.predict_scores(images, text)
+        pruned = model.predict_scores(images, text, prune_classes=True)
+    assert active.any(dim=1).all() and not active.all(), "the test needs some pruned classes"
+    gone = ~active[:, :, None, None].expand_as(plain)
+    assert (plain[gone] > 0).all()  # visual queries vote for pruned classes
+    assert (pruned[gone] == 0).all()
+    torch.testing.assert_close(pruned[~gone], plain[~gone])
+    # The label of every pixel is now one of the image's active classes.
+    labels = pruned.argmax(dim=1)
+    for b in range(2):
+        assert active[b][labels[b]].all()
 
 
 def test_batched_equals_per_image(model):

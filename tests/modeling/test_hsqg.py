@@ -20,6 +20,7 @@ def _hsqg(**overrides):
         init_scale=10.0,
         init_bias=-2.5,
         enabled=True,
+        labeled_gate="ground_truth",
     )
     kwargs.update(overrides)
     torch.manual_seed(0)

@@ -40,14 +40,16 @@ def model():
     return build_model().train()
 
 
-def _probs(model, images):
-    """P of ``images`` from the model in eval mode (the teacher's view), one image at a time."""
+def _probs(model, images, padding=None):
+    """P of ``images`` from the model in eval mode (the teacher's view), one image at a time;
+    ``padding`` (B,H,W) bool tells the pixel decoder which pixels are padding."""
     was_training = model.training
     model.eval()
+    pads = [None] * len(images) if padding is None else padding[:, None]
     with torch.no_grad():
         out = [
-            model.semantic_probs(model.semantic_scores(model(x[None]), (SIZE, SIZE)))
-            for x in images
+            model.semantic_probs(model.semantic_scores(model(x[None], padding=p), (SIZE, SIZE)))
+            for x, p in zip(images, pads)
         ]
     model.train(was_training)
     return torch.cat(out)
@@ -240,7 +242,7 @@ def test_consistency_and_maskclip_terms_by_hand(model):
     finally:
         model.feature_dropout = 0.5
 
-    probs = _probs(model, weak)
+    probs = _probs(model, weak, padding=ignore)
     valid = ~ignore
     nll = -probs.max(dim=1).values.log()
     ce = (nll * valid).sum() / valid.sum()
@@ -269,12 +271,33 @@ def test_consistency_and_maskclip_terms_by_hand(model):
 
 
 def test_consistency_terms_vanish_above_a_threshold_of_one(model):
+    objectives = {t: build_objective(conf_threshold=t) for t in (1.01, 0.0)}
     with torch.no_grad():
-        strict = build_objective(conf_threshold=1.01)(model, labeled_batch(1), unlabeled_batch(1))
-        loose = build_objective(conf_threshold=0.0)(model, labeled_batch(1), unlabeled_batch(1))
+        strict, loose = (o(model, labeled_batch(1), unlabeled_batch(1)) for o in objectives.values())
     for name in ("s1", "s2", "fp"):
         assert strict[f"loss_unsup_{name}"] == 0, name
         assert loose[f"loss_unsup_{name}"] > 0, name
+    # The share of confident pixels the silent-consistency hook reads.
+    assert objectives[1.01].confident_fraction == 0.0
+    assert objectives[0.0].confident_fraction == 1.0
+
+
+def test_confident_fraction_counts_both_weak_views_by_hand(model):
+    unlabeled = unlabeled_batch(2)
+    text = tuple(t.detach() for t in model.class_embeddings())
+    with torch.no_grad():
+        own, partner = build_objective().teacher_targets(model, unlabeled, text)
+        conf = torch.cat([own.conf, partner.conf])
+        valid = ~torch.cat([own.ignore, partner.ignore])
+        threshold = float(conf[valid].median())
+        objective = build_objective(conf_threshold=threshold)
+        objective(model, labeled_batch(1), unlabeled)
+        fraction = objective.confident_fraction
+        objective(model, labeled_batch(1), None)
+    expected = ((conf >= threshold) & valid).sum().item() / valid.sum().item()
+    assert 0 < expected < 1
+    assert fraction == pytest.approx(expected)
+    assert objective.confident_fraction is None  # no unlabelled batch, nothing to measure
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ def _decoder(**overrides):
         cmsam_ffn_dim=48,
         cmsam_dropout=0.0,
         num_text_levels=3,
+        mask_padding=True,
         norm_groups=8,
     )
     kwargs.update(overrides)
@@ -264,3 +265,54 @@ def test_reference_points_are_pixel_centres_on_every_level():
     torch.testing.assert_close(ref[4, 0], torch.tensor([1.5 / 3, 1.5 / 2]))  # row 1, col 1
     torch.testing.assert_close(ref[5, 0], torch.tensor([2.5 / 3, 1.5 / 2]))  # row 1, col 2
     torch.testing.assert_close(ref[7, 0], torch.tensor([1.5 / 2, 0.5]))  # level 2, col 1
+
+
+def test_level_padding_by_hand():
+    """A cell of a level is padding only when every input pixel under it is."""
+    padding = torch.zeros(1, 8, 8, dtype=torch.bool)
+    padding[:, :, 5:] = True  # the last 3 columns
+    padding[:, 6:, :] = True  # and the last 2 rows
+    got = CMSAMPixelDecoder._level_padding(padding, [(1, 1), (2, 2), (4, 4)])
+    coarse = [False]
+    middle = [False, False, False, False]  # every 4×4 cell has a real pixel
+    # 2×2 cells: column 3 covers x 6-7 (padding), row 3 covers y 6-7 (padding).
+    fine = [[False, False, False, True]] * 3 + [[True] * 4]
+    expected = torch.tensor(coarse + middle + [v for row in fine for v in row])
+    assert torch.equal(got[0], expected)
+
+
+def _without_input_norm(dec):
+    # The input projections' GroupNorm pools statistics over every position, padded or
+    # not; without it, each position's projection depends on that position alone.
+    for proj in dec.input_proj:
+        proj[1] = torch.nn.Identity()
+    return dec
+
+
+@pytest.mark.parametrize("levels", [3, 1])
+def test_padded_cells_influence_neither_the_text_queries_nor_the_real_cells(levels):
+    """Image 48×80 (stride-16 grid 3×5) with its right half (x >= 40) padding: the padded
+    cells are res5 column 1, res4 columns 3-4, res3 columns 5-9. Whatever features they
+    hold, the text queries and every real cell come out the same; without the mask
+    (Mask2Former's behaviour) they change."""
+    feats = _features()
+    text, active = _text(levels=levels)
+    padding = torch.zeros(2, 48, 80, dtype=torch.bool)
+    padding[:, :, 40:] = True
+    noisy = {k: v.clone() for k, v in feats.items()}
+    g = torch.Generator().manual_seed(5)
+    for name, first in (("res5", 1), ("res4", 3), ("res3", 5)):
+        noisy[name][..., first:] = 10 * torch.randn(noisy[name][..., first:].shape, generator=g)
+    real = [(slice(None), slice(0, 1)), (slice(None), slice(0, 3)), (slice(None), slice(0, 5))]
+    for mask_padding in (True, False):
+        dec = _without_input_norm(_decoder(num_text_levels=levels, mask_padding=mask_padding))
+        with torch.no_grad():
+            clean, perturbed = (dec(f, text, active, padding) for f in (feats, noisy))
+        same_text = torch.allclose(clean.text_queries, perturbed.text_queries, atol=1e-5)
+        same_cells = all(
+            torch.allclose(a[..., rows, cols], b[..., rows, cols], atol=1e-5)
+            for a, b, (rows, cols) in zip(
+                clean.multi_scale_features, perturbed.multi_scale_features, real
+            )
+        )
+        assert same_text == same_cells == mask_padding, mask_padding

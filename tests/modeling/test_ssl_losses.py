@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from hiervl.modeling.ssl_losses import (
     UNIMATCH_WEIGHTS,
-    combine_unimatch,
+    confident_fraction,
     consistency_loss,
     entropy_loss,
     maskclip_loss,
@@ -142,10 +142,18 @@ def test_consistency_rejects_bad_mode_and_shapes():
         consistency_loss(probs, maps[..., :3], maps.float(), maps, conf_threshold=0.9)
 
 
-def test_combine_unimatch_weights():
-    losses = [torch.tensor(v) for v in (1.0, 2.0, 4.0, 8.0)]
-    assert combine_unimatch(*losses).item() == pytest.approx((1 + 0.5 + 1 + 4) / 2)
-    assert sum(UNIMATCH_WEIGHTS.values()) == pytest.approx(1.0)
+def test_unimatch_weights_are_its_combination_per_term():
+    """(L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, one entry per term."""
+    assert UNIMATCH_WEIGHTS == {"x": 0.5, "s1": 0.125, "s2": 0.125, "fp": 0.25}
+
+
+def test_confident_fraction_by_hand():
+    conf = torch.tensor([[[0.9, 0.5], [0.95, 0.2]], [[0.81, 0.79], [1.0, 0.8]]])
+    ignore = torch.tensor([[[False, False], [True, False]], [[False, False], [False, True]]])
+    # Valid: 0.9 0.5 0.2 | 0.81 0.79 1.0 -> at 0.8: 0.9, 0.81, 1.0 pass.
+    assert confident_fraction(conf, ignore, conf_threshold=0.8) == pytest.approx(3 / 6)
+    assert confident_fraction(conf, ignore, conf_threshold=1.01) == 0.0
+    assert confident_fraction(conf, torch.ones_like(ignore), conf_threshold=0.0) == 0.0
 
 
 def test_entropy_uniform_is_log_k_and_one_hot_is_zero():

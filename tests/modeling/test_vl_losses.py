@@ -52,13 +52,45 @@ def test_anchor_by_hand_three_classes():
     t = eye.clone()
     t_clip = torch.stack([eye[0], eye[0], eye[2]])
     lam = 0.1
-    # Identity Φ: anchors 0, √2, 0; all 6 ordered pairs at distance √2.
-    expected = math.sqrt(2) - lam * 6 * math.log(1 + math.sqrt(2))
-    assert anchor_loss(t, t_clip, nn.Identity(), repulsion=lam).item() == pytest.approx(expected)
+    # Identity Φ: anchors 0, √2, 0; all 6 ordered pairs at distance √2, 2 per class.
+    for reduction, pairs in (("sum", 6), ("mean", 6 / 2)):
+        expected = math.sqrt(2) - lam * pairs * math.log(1 + math.sqrt(2))
+        got = anchor_loss(t, t_clip, nn.Identity(), repulsion=lam, reduction=reduction)
+        assert got.item() == pytest.approx(expected), reduction
     # Φ(x) = 2x: anchors |2e1-e1| = 1, |2e2-e1| = √5, |2e3-e3| = 1; pairs at 2√2.
-    expected = 2 + math.sqrt(5) - lam * 6 * math.log(1 + 2 * math.sqrt(2))
+    expected = 2 + math.sqrt(5) - lam * 3 * math.log(1 + 2 * math.sqrt(2))
     got = anchor_loss(t, t_clip, _Scale(2.0), repulsion=lam).item()
     assert got == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="ANCHOR_REPULSION must be one of"):
+        anchor_loss(t, t_clip, nn.Identity(), repulsion=lam, reduction="max")
+
+
+@pytest.mark.parametrize("num_classes", [3, 21, 81, 150])
+def test_anchor_mean_repulsion_does_not_grow_with_k(num_classes):
+    """Orthonormal class embeddings, Φ(x) = c·x: every anchor is |c − 1|, every pair at
+    c·√2, so per class L = |c − 1| − λ R with R = log(1 + c√2) (mean) or
+    (K − 1) log(1 + c√2) (sum). The mean form is the same per class at every K and is
+    lowest at c = 1 (the anchor binds); the paper's sum keeps falling as Φ_p's outputs
+    grow when λ(K − 1) is large (the anchor stops binding at K = 81 and 150)."""
+    lam = 0.1
+    t = torch.eye(num_classes)
+    scales = [0.5, 1.0, 1.5, 2.0, 4.0]
+    per_class = {}
+    for reduction in ("mean", "sum"):
+        values = []
+        for c in scales:
+            got = anchor_loss(t, t, _Scale(c), repulsion=lam, reduction=reduction).item()
+            pairs = 1 if reduction == "mean" else num_classes - 1
+            expected = abs(c - 1) - lam * pairs * math.log(1 + c * math.sqrt(2))
+            assert got / num_classes == pytest.approx(expected, rel=1e-5, abs=1e-6)
+            values.append(got / num_classes)
+        per_class[reduction] = values
+    mean_form = per_class["mean"]
+    assert min(range(len(scales)), key=mean_form.__getitem__) == scales.index(1.0)
+    # Identical per-class values at every K (this parametrisation checks 3 ... 150).
+    assert mean_form[scales.index(1.0)] == pytest.approx(-lam * math.log(1 + math.sqrt(2)))
+    if num_classes >= 81:
+        assert per_class["sum"] == sorted(per_class["sum"], reverse=True)  # c = 4 is lowest
 
 
 def test_anchor_single_class_has_no_repulsion():

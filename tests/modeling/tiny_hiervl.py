@@ -45,6 +45,7 @@ def build_model(
     class_names: Sequence[str] = CLASSES,
     num_levels: int = 3,
     hsqg_enabled: bool = True,
+    labeled_gate: str = "ground_truth",
     cmsam_enabled: bool = True,
     num_visual_queries: int = 4,
     seed: int = 0,
@@ -77,6 +78,7 @@ def build_model(
         init_scale=10.0,
         init_bias=-2.5,
         enabled=hsqg_enabled,
+        labeled_gate=labeled_gate,
     )
     pixel_decoder = CMSAMPixelDecoder(
         input_shape=towers.backbone.output_shape(),
@@ -94,6 +96,7 @@ def build_model(
         cmsam_ffn_dim=2 * WIDTH,
         cmsam_dropout=dropout,
         num_text_levels=num_levels,
+        mask_padding=True,
         norm_groups=8,
         checkpointing=checkpointing,
     )
@@ -160,6 +163,7 @@ def build_objective(**overrides) -> HierVLObjective:
         prompt_projector=PromptProjector(dim=WIDTH),
         prompt_weight=0.05,
         anchor_lambda=0.1,
+        anchor_repulsion="mean",
         mask_weight=0.5,
         mask_on_unlabeled=False,
         pt_weight=0.1,
