@@ -123,9 +123,10 @@ def train_one(
             "SOLVER.MAX_ITER", str(iters),
             "SOLVER.CHECKPOINT_PERIOD", str(10**9),
             "TEST.EVAL_PERIOD", str(eval_period),
-            # Whole images (longer side 320) in one pass: the crops are 128, so scale 1 is
-            # inside the training scale range, and it is ~10x cheaper than windows.
-            "TEST.SLIDING_WINDOW.ENABLED", "False",
+            # Windows of the 128 training crop without overlap (6 per 320x240 photo): the
+            # token grid the ViT was trained on (whole images scored 40.1 against 44.8 mIoU
+            # for the same labelled-only model) at half the cost of 50% overlap.
+            "TEST.SLIDING_WINDOW.STRIDE", "128",
             *opts,
             "MODEL.HIERVL.SSL.ENABLED", str(semi),
             "SEED", str(seed),

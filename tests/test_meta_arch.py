@@ -283,6 +283,45 @@ def test_images_of_different_sizes_are_padded_and_the_padding_reaches_the_decode
     assert torch.equal(strong[:2], own & ~box1)
 
 
+def _gradients(model, batch):
+    torch.manual_seed(0)  # the labelled pass draws the same random points in both runs
+    _train_step(model, batch)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_silent_unlabelled_stream_adds_nothing_to_the_labelled_gradient():
+    """With no confident pseudo-label (CONF_THRESHOLD above 1) and the terms that act on
+    unlabelled images regardless (entropy, MaskCLIP guidance) off, the unlabelled stream
+    must not change the update: no batch statistics, no gate, no loss normalisation may
+    leak it into the labelled terms. The gradient must be the labelled-only gradient
+    (L_prompt, which is deterministic, stays on; L_mask/L_pt draw random classes after the
+    unlabelled passes, so they are off). Entropy on: the gradient must differ."""
+    silent = [
+        "MODEL.HIERVL.SSL.CONF_THRESHOLD", "1.01",
+        "MODEL.HIERVL.SSL.MASKCLIP_ENABLED", "False",
+        "MODEL.HIERVL.VL.MASK_ENABLED", "False",
+        "MODEL.HIERVL.VL.PT_ENABLED", "False",
+    ]  # fmt: skip
+    labeled = _labeled()
+    two_stream = {
+        "labeled": labeled,
+        "unlabeled": _unlabeled(),
+        "unlabeled_mix": _unlabeled(seed=20),
+        "iteration": 0,
+        "max_iter": 10,
+    }
+    grads = {}
+    for entropy in (False, True):
+        model = _model(*silent, "MODEL.HIERVL.SSL.ENTROPY_ENABLED", str(entropy))
+        grads[entropy] = (_gradients(model, labeled), _gradients(model, two_stream))
+    labelled_only, semi = grads[False]
+    assert set(semi) == set(labelled_only)
+    for name, g in labelled_only.items():
+        torch.testing.assert_close(semi[name], g, rtol=1e-4, atol=1e-7, msg=name)
+    labelled_only, semi = grads[True]
+    assert not all(torch.allclose(semi[n], g, rtol=1e-4, atol=1e-7) for n, g in labelled_only.items())
+
+
 def test_ssl_off_ignores_the_unlabelled_stream():
     model = _model("MODEL.HIERVL.SSL.ENABLED", "False")
     batch = {"labeled": _labeled(), "unlabeled": _unlabeled(), "unlabeled_mix": _unlabeled(20)}

@@ -5,7 +5,9 @@ when semi-supervision is on, an unlabelled batch with its CutMix partner:
 
 - ``loss_sup_*``: Mask2Former criterion on the labelled images (+ L_rel, L_qt);
 - ``loss_unsup_s1/s2/fp``: UniMatch weak-to-strong consistency on the probability map
-  P; the supervised terms are halved as in ``(L_x + .25 L_s1 + .25 L_s2 + .5 L_fp) / 2``;
+  P, weighted ``L_x + .25 L_s1 + .25 L_s2 + .5 L_fp`` (UniMatch's relative weights; its
+  global ``/ 2`` is dropped so that the supervised terms weigh the same with and without
+  the unlabelled stream, see ``ssl_losses.UNIMATCH_WEIGHTS``);
 - ``loss_unsup_entropy``: entropy minimisation on the strong views' P;
 - ``loss_unsup_maskclip_*``: SemiVL's MaskCLIP guidance on s1/s2/fp (CutMixed like the
   pseudo-labels), weight decaying linearly to 0 over training;
@@ -173,8 +175,6 @@ class HierVLObjective(nn.Module):
         if unlabeled is not None:
             if not self.semi_supervised:
                 raise ValueError("an unlabelled batch was given but SSL.ENABLED is False")
-            scale = UNIMATCH_WEIGHTS["x"]
-            losses = {k: v * scale for k, v in losses.items()}
             pseudo = self.teacher_targets(model, unlabeled, text)
             if self.consistency_mode == "pixel":
                 # Own and partner weak views: every pseudo-label a consistency term reads.
@@ -326,7 +326,8 @@ class HierVLObjective(nn.Module):
                 )
             )
             if mclip is not None:
-                # SemiVL weights the views 0.25 / 0.25 / 0.5, like the consistency terms.
+                # SemiVL: λ · 0.25 / 0.25 / 0.5 next to a halved L_x, i.e. twice the
+                # consistency terms' view weights relative to L_x.
                 losses[f"loss_unsup_maskclip_{name}"] = (
                     mclip_w * 2 * weight * maskclip_loss(probs[name], mclip)
                 )

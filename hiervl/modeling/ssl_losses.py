@@ -43,10 +43,14 @@ __all__ = [
 CONSISTENCY_MODES = ("pixel", "pixelavg")
 MASKCLIP_REDUCTIONS = ("mean_all", "mean")
 
-# UniMatch's combination (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, written per term so
-# that a trainer can scale each entry of a loss dict; SemiVL applies the same s1/s2/fp split
-# (0.25/0.25/0.5, without the /2) to its MaskCLIP term.
-UNIMATCH_WEIGHTS: Dict[str, float] = {"x": 0.5, "s1": 0.125, "s2": 0.125, "fp": 0.25}
+# UniMatch's combination (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2 without its global
+# "/ 2", written per term. The halving is a global scale (nothing under AdamW, half the LR
+# under SGD) in UniMatch, where nothing else is added; here, halving L_x next to the
+# unlabelled stream would double the weight of every term added after it (L_prompt,
+# L_mask, L_pt, entropy) relative to the segmentation loss, so the semi-supervised run and
+# its labelled-only ablation would weight them differently. SemiVL adds its MaskCLIP term
+# with 0.25/0.25/0.5 next to the halved L_x, i.e. 0.5/0.5/1 relative to L_x.
+UNIMATCH_WEIGHTS: Dict[str, float] = {"x": 1.0, "s1": 0.25, "s2": 0.25, "fp": 0.5}
 
 
 def valid_pixels(ignore: torch.Tensor, *, ignore_value: int = 255) -> torch.Tensor:

@@ -142,9 +142,9 @@ def test_consistency_rejects_bad_mode_and_shapes():
         consistency_loss(probs, maps[..., :3], maps.float(), maps, conf_threshold=0.9)
 
 
-def test_unimatch_weights_are_its_combination_per_term():
-    """(L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, one entry per term."""
-    assert UNIMATCH_WEIGHTS == {"x": 0.5, "s1": 0.125, "s2": 0.125, "fp": 0.25}
+def test_unimatch_weights_are_its_relative_weights_per_term():
+    """L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp: UniMatch's ratios, without its global / 2."""
+    assert UNIMATCH_WEIGHTS == {"x": 1.0, "s1": 0.25, "s2": 0.25, "fp": 0.5}
 
 
 def test_confident_fraction_by_hand():
