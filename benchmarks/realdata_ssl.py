@@ -212,6 +212,15 @@ def main(argv=None) -> Dict:
     lines.append(
         f"  mean | {means.get('semi', '-'):>15} | {means.get('sup', '-'):>13} | {diff:>15} |"
     )
+    # Per-class IoU: with a dominant background class, a model that predicts it everywhere
+    # scores the majority baseline's mIoU; the smaller classes show whether it segments.
+    for key in rows[0][args.modes[0]]["ious"]:
+        cells = []
+        for mode in args.modes:
+            values = [r[mode]["ious"][key] for r in rows]
+            seeds = ", ".join(f"{v:.1f}" for v in values)
+            cells.append(f"{mode} {_mean_std(values).strip()} [{seeds}]")
+        lines.append(f"  {key}: " + " | ".join(cells))
     print("\n" + "\n".join(lines))
     return out
 

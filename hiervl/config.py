@@ -182,7 +182,11 @@ def _add_semi_supervised(h: CN) -> None:
     h.SSL.SILENT_WARNING_ITERS = 0
     # Dropout2d rate of the feature-perturbed weak view (L_fp).
     h.SSL.FP_DROPOUT = 0.5
-    h.SSL.ENTROPY_ENABLED = True
+    # Entropy minimisation on the strong views' P: off by default. It is in neither the
+    # paper, SemiVL nor UniMatch, and unlike the consistency loss it acts on every pixel
+    # from the first iteration, confident or not, pushing P towards its current argmax (the
+    # majority class of a barely trained model); see benchmarks/RESULTS.md, real photos.
+    h.SSL.ENTROPY_ENABLED = False
     h.SSL.ENTROPY_WEIGHT = 0.01
     # MaskCLIP dense guidance from the frozen image encoder; weight decays
     # linearly from MASKCLIP_WEIGHT to 0 over training.

@@ -26,6 +26,7 @@ def test_semi_supervised_training_lowers_the_loss_and_beats_the_untrained_model(
         "SOLVER.MAX_ITER", ITERATIONS,
         "SOLVER.CHECKPOINT_PERIOD", 10 * ITERATIONS,
         "DATASETS.TEST", "('synthetic_val',)",
+        "MODEL.HIERVL.SSL.ENTROPY_ENABLED", True,  # every term on (off by default)
     )  # fmt: skip
     trainer = build_trainer(cfg)
     untrained = HierVLTrainer.test(cfg, trainer.model)["sem_seg"]["mIoU"]
