@@ -78,7 +78,7 @@ def test_own_folders_check_train_evaluate_and_pseudo_label(tmp_path, capsys):
     trainer._trainer._data_loader_iter_obj = None
     trainer.train()
     assert {os.path.basename(os.path.dirname(p)) for p in seen} == {"phone", "camera"}
-    for term in ("loss_unsup_s1", "loss_unsup_s2", "loss_unsup_fp", "loss_unsup_entropy"):
+    for term in ("loss_unsup_s1", "loss_unsup_s2", "loss_unsup_fp"):
         values = [v for v, _ in trainer.storage.history(term).values()]
         assert len(values) == 3 and all(v > 0 for v in values), (term, values)
 
