@@ -141,13 +141,14 @@ def named_batch(
 
 
 def _chunks(batch, parts: int) -> List:
-    """Split every tensor of a Labeled/UnlabeledBatch into ``parts`` equal micro-batches."""
+    """Split every tensor of a Labeled/UnlabeledBatch into ``parts`` equal micro-batches
+    (a field that is None, e.g. LabeledBatch.padding, stays None in every part)."""
     if batch is None:
         return [None] * parts
     size = batch[0].shape[0]
     if size % parts:
         raise ValueError(f"a batch of {size} images cannot be split into {parts} micro-batches")
-    pieces = [t.chunk(parts) for t in batch]
+    pieces = [[None] * parts if t is None else t.chunk(parts) for t in batch]
     return [type(batch)(*(p[i] for p in pieces)) for i in range(parts)]
 
 
