@@ -319,7 +319,9 @@ def test_a_silent_unlabelled_stream_adds_nothing_to_the_labelled_gradient():
     for name, g in labelled_only.items():
         torch.testing.assert_close(semi[name], g, rtol=1e-4, atol=1e-7, msg=name)
     labelled_only, semi = grads[True]
-    assert not all(torch.allclose(semi[n], g, rtol=1e-4, atol=1e-7) for n, g in labelled_only.items())
+    assert not all(
+        torch.allclose(semi[n], g, rtol=1e-4, atol=1e-7) for n, g in labelled_only.items()
+    )
 
 
 def test_ssl_off_ignores_the_unlabelled_stream():

@@ -276,7 +276,9 @@ def test_consistency_and_maskclip_terms_by_hand(model):
 def test_consistency_terms_vanish_above_a_threshold_of_one(model):
     objectives = {t: build_objective(conf_threshold=t) for t in (1.01, 0.0)}
     with torch.no_grad():
-        strict, loose = (o(model, labeled_batch(1), unlabeled_batch(1)) for o in objectives.values())
+        strict, loose = (
+            o(model, labeled_batch(1), unlabeled_batch(1)) for o in objectives.values()
+        )
     for name in ("s1", "s2", "fp"):
         assert strict[f"loss_unsup_{name}"] == 0, name
         assert loose[f"loss_unsup_{name}"] > 0, name
