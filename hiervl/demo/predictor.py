@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import tqdm
 
-from hiervl.demo.resize import inference_size, resize_image, upsampled_labels
+from hiervl.demo.resize import upsampled_labels
+from hiervl.demo.scaling import check_test_scale, inference_size, resize_image
 from hiervl.demo.visualizer import UNLABELED
 from hiervl.engine.checkpoint import HierVLCheckpointer
 from hiervl.engine.trainer import HierVLTrainer
@@ -110,11 +111,7 @@ class SemanticPredictor:
         self.cfg = cfg.clone()
         self.confidence_threshold = float(confidence_threshold)
         self.min_size, self.max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
-        if self.min_size < 0 or (self.min_size > 0 and self.max_size < self.min_size):
-            raise ValueError(
-                f"INPUT.MIN_SIZE_TEST {self.min_size} / MAX_SIZE_TEST {self.max_size}: the "
-                "shorter side (0 = no resizing) and a longer-side limit >= it"
-            )
+        check_test_scale(self.min_size, self.max_size, "INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST")
         self.model = HierVLTrainer.build_model(self.cfg)
         self.model.eval()
         if self.cfg.MODEL.WEIGHTS:

@@ -10,52 +10,29 @@ images of the dataset's scale anyway. The predictor therefore resizes the shorte
 runs the model there, and upsamples the class probabilities bilinearly band by band
 (exactly ``F.interpolate(mode="bilinear", align_corners=False)``) to take the labels and the
 confidence at every input pixel. The evaluator does not resize (the paper's protocol).
+The torch-free pieces live in :mod:`hiervl.demo.scaling` (the ONNX runner uses them and
+its numpy twin of :func:`upsampled_labels`).
 """
 
 from __future__ import annotations
 
 from typing import Tuple
 
-import cv2
 import numpy as np
 import torch
 
+# The size rule and the image resize are torch-free (the ONNX runner shares them).
+from hiervl.demo.scaling import BAND_ELEMENTS, bilinear_taps, inference_size, resize_image
+
 __all__ = ["resize_image", "inference_size", "upsampled_labels"]
 
-# Elements of one band of upsampled probabilities (K x rows x W floats): 64 MB.
-_BAND_ELEMENTS = 1 << 24
-
-
-def inference_size(height: int, width: int, *, min_size: int, max_size: int) -> Tuple[int, int]:
-    """(h, w): shorter side ``min_size``, longer side at most ``max_size``, aspect kept
-    (detectron2's ``ResizeShortestEdge``); the input's own size when ``min_size`` is 0."""
-    if min_size <= 0:
-        return height, width
-    scale = min_size / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
-
-
-def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """(H,W,3) uint8 → (h,w,3): area averaging when shrinking (no aliasing), bilinear when
-    enlarging."""
-    if tuple(image.shape[:2]) == tuple(size):
-        return image
-    shrink = size[0] * size[1] < image.shape[0] * image.shape[1]
-    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    return cv2.resize(image, (size[1], size[0]), interpolation=interpolation)
+# Read at each call (the tests shrink it to exercise band edges).
+_BAND_ELEMENTS = BAND_ELEMENTS
 
 
 def _source_taps(out_len: int, in_len: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bilinear taps of F.interpolate (align_corners=False): for each output index the two
-    input indices and the weight of the second."""
-    src = ((torch.arange(out_len, dtype=torch.float64) + 0.5) * (in_len / out_len) - 0.5).clamp(
-        min=0
-    )
-    low = src.floor().long().clamp(max=in_len - 1)
-    high = (low + 1).clamp(max=in_len - 1)
-    return low, high, (src - low).float()
+    """:func:`hiervl.demo.scaling.bilinear_taps` as tensors."""
+    return tuple(torch.from_numpy(t) for t in bilinear_taps(out_len, in_len))
 
 
 def upsampled_labels(

@@ -9,7 +9,8 @@ The graph maps a CLIP-normalised window (1, 3, H, W) to the K semantic scores
 embeddings are computed once and stored as constants (see
 ``hiervl/modeling/static_window.py``; the file format in ``onnx_metadata.py``). The
 window defaults to TEST.SLIDING_WINDOW.CROP_SIZE, the stride the runner slides it by to
-TEST.SLIDING_WINDOW.STRIDE (0 = half the window).
+TEST.SLIDING_WINDOW.STRIDE (0 = half the window); the demo's test scale
+(INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST) is stored too, so the runner resizes inputs as the demo.
 
 After writing, the file is checked: onnxruntime against the eager PyTorch model (compiled
 MSDeformAttn kernel where built) on ``--check-images`` synthetic scenes; the command fails
@@ -164,6 +165,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             weights=cfg.MODEL.WEIGHTS,
             ignore_label=ignore_value(dataset),
             class_colors=None if colors is None else tuple(map(tuple, colors[:, ::-1].tolist())),
+            # The demo's test scale: the runner resizes inputs as demo/demo.py does.
+            min_size_test=cfg.INPUT.MIN_SIZE_TEST,
+            max_size_test=cfg.INPUT.MAX_SIZE_TEST,
         )
         start = time.perf_counter()
         export_onnx(window, args.output, metadata)
@@ -173,7 +177,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     print(
         f"{args.output}: {len(metadata.class_names)} classes, window {height}x{width}, "
-        f"prune_classes {prune}, commit {metadata.commit}"
+        f"prune_classes {prune}, test scale {metadata.min_size_test}/{metadata.max_size_test}, "
+        f"commit {metadata.commit}"
     )
     if args.check_images <= 0:
         return 0

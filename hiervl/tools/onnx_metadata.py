@@ -1,8 +1,8 @@
 """What an exported HierVL ONNX file says about itself (its ``metadata_props``).
 
 Written by ``hiervl.tools.export`` and read by ``hiervl.tools.onnx_predict``: everything
-needed to run the file without the config or the training stack. Pure Python (no torch,
-no onnx), so the runner and the exporter share one definition.
+needed to run the file without the config or the training stack. No torch and no onnx,
+so the runner and the exporter share one definition.
 
 Keys (all strings; lists and sizes as JSON):
 
@@ -20,7 +20,18 @@ Keys (all strings; lists and sizes as JSON):
 ``hiervl.ignore_label``    label-map value of unlabelled pixels (the dataset's, 255)
 ``hiervl.class_colors``    the dataset's colours (K RGB triples) when the vocabulary is its
                            class list, else null (the demo then generates colours)
+``hiervl.min_size_test``   the demo's test scale (INPUT.MIN_SIZE_TEST): the runner resizes
+                           the shorter side to it first; 0 = no resizing. Optional: absent
+                           in files exported before it existed, read as 0
+``hiervl.max_size_test``   the longer-side limit of that resize (INPUT.MAX_SIZE_TEST, >= the
+                           shorter side when it is not 0). Optional, absent = 0
 =========================  =============================================================
+
+``FORMAT_VERSION`` changes only when a runner of the previous version would misread a new
+file (a key changing meaning or becoming required). Optional keys whose absence means the
+earlier behaviour keep it: the test scale was added that way (a version-1 runner that
+predates it ignores the keys and runs the file at the input's resolution, as it always did;
+a newer runner reads an older file the same way).
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
+
+from hiervl.demo.scaling import check_test_scale
 
 __all__ = ["FORMAT_VERSION", "INPUT_NAME", "OUTPUT_NAME", "DeployMetadata"]
 
@@ -49,6 +62,8 @@ REQUIRED = (
     "ignore_label",
     "class_colors",
 )
+# Optional keys and the value their absence means.
+OPTIONAL = {"min_size_test": "0", "max_size_test": "0"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,8 @@ class DeployMetadata:
     ignore_label: int = 255
     class_colors: Optional[Tuple[Tuple[int, int, int], ...]] = None
     input_format: str = "RGB"
+    min_size_test: int = 0
+    max_size_test: int = 0
 
     def __post_init__(self):
         height, width = self.input_size
@@ -90,6 +107,7 @@ class DeployMetadata:
             raise ValueError(f"metadata: class_colors must be {len(self.class_names)} RGB triples")
         if self.input_format != "RGB":
             raise ValueError(f"metadata: input_format {self.input_format!r} is not 'RGB'")
+        check_test_scale(self.min_size_test, self.max_size_test, "metadata: min/max_size_test")
 
     def to_props(self) -> Dict[str, str]:
         """The ``metadata_props`` entries (key → string)."""
@@ -108,6 +126,8 @@ class DeployMetadata:
             "class_colors": json.dumps(
                 None if self.class_colors is None else [list(c) for c in self.class_colors]
             ),
+            "min_size_test": str(self.min_size_test),
+            "max_size_test": str(self.max_size_test),
         }
         return {PREFIX + k: v for k, v in values.items()}
 
@@ -130,6 +150,7 @@ class DeployMetadata:
             names: List[str] = json.loads(props[PREFIX + "class_names"])
             size = json.loads(props[PREFIX + "input_size"])
             colors = json.loads(props[PREFIX + "class_colors"])
+            test_scale = {k: int(props.get(PREFIX + k, v)) for k, v in OPTIONAL.items()}
             return cls(
                 class_names=tuple(str(n) for n in names),
                 input_size=(int(size[0]), int(size[1])),
@@ -144,6 +165,7 @@ class DeployMetadata:
                 if colors is None
                 else tuple(tuple(int(v) for v in c) for c in colors),
                 input_format=props[PREFIX + "input_format"],
+                **test_scale,
             )
         except (ValueError, TypeError, IndexError, json.JSONDecodeError) as e:
             raise ValueError(f"{source}: malformed HierVL metadata ({e})") from None

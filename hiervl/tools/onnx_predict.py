@@ -12,15 +12,22 @@ single-channel PNG per input at its size, value = class index, the stored ignore
 (255) where ``--confidence-threshold`` leaves the pixel unlabelled; ``--save-overlays``
 adds ``<name>_overlay.jpg`` beside each).
 
-Inference mirrors the evaluator's sliding window (``hiervl/evaluation/sliding_window.py``)
-with the exported window: windows every ``stride`` pixels (the last one flush with the
-border), overlapping scores averaged. The graph has one fixed size, so an image with a
-side shorter than the window is first enlarged (bilinear, aspect kept) until the window
-fits, and its scores are resized back; the PyTorch demo would see such an image at its own
-size instead. Images are read by the project's reader (``hiervl.data.image_io``, EXIF
-orientation applied).
+Inference follows the PyTorch demo (``hiervl/demo/predictor.py``) with the torch-free
+pieces it shares (``hiervl/demo/scaling.py``): the input is resized to the test scale stored
+in the file (the config's INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST: shorter side to the first,
+longer side at most the second, area averaging when shrinking, bilinear when enlarging;
+``--min-size-test`` / ``--max-size-test`` override it, 0 = the input's own resolution;
+files exported before the keys existed are run without resizing), segmented there, and
+its class probabilities are upsampled bilinearly (as ``F.interpolate``, band by band) to
+take labels and confidence at every input pixel. At the test scale, the evaluator's
+sliding window (``hiervl/evaluation/sliding_window.py``) with the exported window: windows
+every ``stride`` pixels (the last one flush with the border), overlapping scores averaged.
+The graph has one fixed size, so an image with a side shorter than the window is first
+enlarged (bilinear, aspect kept) until the window fits, and its scores are resized back;
+the PyTorch demo would see such an image at its own size instead. Images are read by the
+project's reader (``hiervl.data.image_io``, EXIF orientation applied).
 
-Shape letters: K classes, H×W an image, h×w the window.
+Shape letters: K classes, H×W an image, h×w the test scale, wh×ww the window.
 """
 
 from __future__ import annotations
@@ -42,6 +49,13 @@ import tqdm
 from hiervl.data.image_io import read_image
 from hiervl.demo.label_maps import LabelMapWriter
 from hiervl.demo.runner import DemoFailure, expand_inputs, image_output_paths
+from hiervl.demo.scaling import (
+    bilinear_taps,
+    check_test_scale,
+    inference_size,
+    resize_image,
+    upsampled_labels_numpy,
+)
 from hiervl.demo.visualizer import UNLABELED, DatasetPalette, SemanticVisualizer
 from hiervl.tools.onnx_metadata import INPUT_NAME, DeployMetadata
 
@@ -64,16 +78,12 @@ def window_starts(length: int, crop: int, stride: int) -> List[int]:
 
 def bilinear_matrix(src: int, dst: int) -> np.ndarray:
     """(dst, src) float32 matrix of ``F.interpolate(mode="bilinear", align_corners=False)``
-    along one axis (no antialiasing): half-pixel centres, edges clamped."""
-    scale = src / dst
-    coords = np.maximum((np.arange(dst) + 0.5) * scale - 0.5, 0.0)
-    low = np.minimum(np.floor(coords).astype(np.int64), src - 1)
-    high = np.minimum(low + 1, src - 1)
-    frac = coords - low
-    matrix = np.zeros((dst, src), dtype=np.float64)
+    along one axis (:func:`~hiervl.demo.scaling.bilinear_taps` as a matrix)."""
+    low, high, frac = bilinear_taps(dst, src)
+    matrix = np.zeros((dst, src), dtype=np.float32)
     np.add.at(matrix, (np.arange(dst), low), 1.0 - frac)
     np.add.at(matrix, (np.arange(dst), high), frac)
-    return matrix.astype(np.float32)
+    return matrix
 
 
 def _resize(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
@@ -93,7 +103,8 @@ def probabilities(scores: np.ndarray) -> np.ndarray:
 
 @dataclass
 class OnnxPrediction:
-    """scores (K,H,W) float32; labels (H,W) int64 with ``UNLABELED``; confidence (H,W)."""
+    """scores (K,h,w) float32 at the test scale; labels (H,W) int64 with ``UNLABELED`` and
+    confidence (H,W) float32 at the input's size (as the demo's ``SemanticPrediction``)."""
 
     scores: np.ndarray
     labels: np.ndarray
@@ -110,6 +121,8 @@ class OnnxSegmenter:
         stride: int = 0,
         confidence_threshold: float = 0.0,
         threads: int = 0,
+        min_size_test: Optional[int] = None,
+        max_size_test: Optional[int] = None,
     ):
         """
         Args:
@@ -118,6 +131,9 @@ class OnnxSegmenter:
             confidence_threshold: in [0, 1); pixels whose top class probability is below
                 it are ``UNLABELED`` (as the demo's ``--confidence-threshold``).
             threads: onnxruntime intra-op threads (0 = its default, one per core).
+            min_size_test: the test scale's shorter side (None = the file's, 0 = no
+                resizing).
+            max_size_test: its longer-side limit (None = the file's).
         """
         if not os.path.isfile(path):
             raise ValueError(f"--model {path!r}: no such file")
@@ -138,6 +154,11 @@ class OnnxSegmenter:
             raise ValueError(f"--model {path!r}: onnxruntime cannot load it ({e})") from None
         props = self.session.get_modelmeta().custom_metadata_map
         self.meta = DeployMetadata.from_props(props, path)
+        if min_size_test is None and "hiervl.min_size_test" not in props:
+            logger.info("%s stores no test scale (an older export): no resizing", path)
+        self.min_size = self.meta.min_size_test if min_size_test is None else min_size_test
+        self.max_size = self.meta.max_size_test if max_size_test is None else max_size_test
+        check_test_scale(self.min_size, self.max_size, "--min-size-test / --max-size-test")
         self.stride = stride or self.meta.window_stride
         self.confidence_threshold = float(confidence_threshold)
         self._mean = np.asarray(self.meta.pixel_mean, dtype=np.float32).reshape(3, 1, 1)
@@ -155,12 +176,13 @@ class OnnxSegmenter:
         return (chw - self._mean) / self._std
 
     def window(self, window: np.ndarray) -> np.ndarray:
-        """One (3,h,w) normalised window → (K,h,w) scores."""
+        """One (3,wh,ww) normalised window → (K,wh,ww) scores."""
         (scores,) = self.session.run(None, {INPUT_NAME: window[None]})
         return scores[0]
 
     def scores(self, image: np.ndarray) -> np.ndarray:
-        """(H,W,3) uint8 RGB → (K,H,W) float32 scores (sliding window, see module doc)."""
+        """(H,W,3) uint8 RGB → (K,H,W) float32 scores at that size (sliding window, see
+        module doc; no test-scale resize)."""
         x = self.normalize(image)
         height, width = x.shape[1:]
         win_h, win_w = self.meta.input_size
@@ -177,12 +199,16 @@ class OnnxSegmenter:
         return _resize(total / counts, (height, width))
 
     def __call__(self, image: np.ndarray) -> OnnxPrediction:
-        """(H,W,3) uint8 RGB → scores, labels (``UNLABELED`` below the threshold), confidence."""
-        scores = self.scores(image)
-        probs = probabilities(scores)
-        labels = probs.argmax(axis=0).astype(np.int64)
-        confidence = probs.max(axis=0)
-        labels[confidence < self.confidence_threshold] = UNLABELED
+        """(H,W,3) uint8 RGB → scores at the test scale, labels (``UNLABELED`` below the
+        threshold) and confidence at the input's size."""
+        size = inference_size(*image.shape[:2], min_size=self.min_size, max_size=self.max_size)
+        scores = self.scores(resize_image(image, size))
+        labels, confidence = upsampled_labels_numpy(
+            probabilities(scores),
+            image.shape[:2],
+            threshold=self.confidence_threshold,
+            unlabeled=UNLABELED,
+        )
         return OnnxPrediction(scores=scores, labels=labels, confidence=confidence)
 
 
@@ -205,6 +231,21 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--stride", type=int, default=0, help="sliding-window stride (0 = the file's)"
+    )
+    parser.add_argument(
+        "--min-size-test",
+        type=int,
+        metavar="PX",
+        help="resize the shorter side to this before segmenting, as the demo "
+        "(default: the file's, the config's INPUT.MIN_SIZE_TEST; 0 = the input's own "
+        "resolution); labels are written at the input's size either way",
+    )
+    parser.add_argument(
+        "--max-size-test",
+        type=int,
+        metavar="PX",
+        help="longer-side limit of that resize, >= --min-size-test (default: the file's, "
+        "INPUT.MAX_SIZE_TEST)",
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the colour overlay")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = all)")
@@ -242,6 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             stride=args.stride,
             confidence_threshold=args.confidence_threshold,
             threads=args.threads,
+            min_size_test=args.min_size_test,
+            max_size_test=args.max_size_test,
         )
         meta = segmenter.meta
         palette = None
@@ -263,9 +306,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.error("%s", e)
         return 1
     logger.info(
-        "%s: %d classes, window %dx%d, stride %d, commit %s",
+        "%s: %d classes, test scale %d/%d, window %dx%d, stride %d, commit %s",
         args.model,
         len(meta.class_names),
+        segmenter.min_size,
+        segmenter.max_size,
         *meta.input_size,
         segmenter.stride,
         meta.commit,

@@ -3,16 +3,20 @@
 A tiny model (fewer decoder layers, so that tracing stays quick) is saved by the
 checkpointer, exported through the command line, compared with eager PyTorch on the
 synthetic generator's scenes, and run by the ONNX runner in a process where importing
-torch or detectron2 raises: its label maps must agree with the eager sliding window.
+torch or detectron2 raises: at the input's resolution its label maps must agree with the
+eager sliding window, at the file's test scale (the config's INPUT.MIN_SIZE_TEST 128 /
+MAX_SIZE_TEST 512) with the PyTorch demo's predictor.
 """
 
 import contextlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -23,12 +27,13 @@ pytest.importorskip("detectron2")
 
 from hiervl.data.datasets.synthetic import render_sample  # noqa: E402
 from hiervl.data.image_io import read_image  # noqa: E402
+from hiervl.demo.predictor import SemanticPredictor  # noqa: E402
 from hiervl.engine.checkpoint import HierVLCheckpointer  # noqa: E402
 from hiervl.engine.launcher import setup_cfg  # noqa: E402
 from hiervl.engine.trainer import HierVLTrainer  # noqa: E402
 from hiervl.evaluation.sliding_window import sliding_window_inference  # noqa: E402
 from hiervl.modeling.hiervl_model import HierVLModel  # noqa: E402
-from hiervl.tools import export  # noqa: E402
+from hiervl.tools import export, onnx_predict  # noqa: E402
 from hiervl.tools.onnx_export import git_commit  # noqa: E402
 from hiervl.tools.onnx_metadata import DeployMetadata  # noqa: E402
 
@@ -105,6 +110,9 @@ def test_export_writes_metadata_and_matches_pytorch(exported, export_report):
     # Another vocabulary than the dataset's: no dataset colours, its ignore value.
     assert meta.class_colors is None and meta.ignore_label == 255
     assert meta.commit == git_commit(REPO) and meta.commit != ""
+    # The demo's test scale, from the config.
+    assert (meta.min_size_test, meta.max_size_test) == (128, 512)
+    assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (128, 512)
     assert json.loads(props["hiervl.class_names"]) == VOCABULARY
 
 
@@ -155,6 +163,7 @@ def test_runner_without_torch_writes_the_demos_label_maps(exported, export_repor
     command += [*big, small, rotated, "--output", str(overlays), "--save-masks", str(masks)]
     command += ["--save-overlays"]
     command += ["--confidence-threshold", str(threshold)]
+    command += ["--min-size-test", "0"]  # the input's own resolution, as the eager reference
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 images segmented, 0 failed" in proc.stdout
@@ -204,3 +213,77 @@ def test_runner_and_export_report_bad_input(exported, export_report, tmp_path):
     bad_size[bad_size.index("--output") + 1] = str(tmp_path / "bad.onnx")
     assert export.main(bad_size) == 1
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def _large_scene(path, height, width):
+    """A synthetic scene enlarged (nearest: sharp class borders) to height × width."""
+    scene = render_sample(0, "val", 5, 128)[0]
+    Image.fromarray(cv2.resize(scene, (width, height), interpolation=cv2.INTER_NEAREST)).save(path)
+    return str(path)
+
+
+def test_runner_resizes_like_the_demo(exported, export_report, tmp_path):
+    cfg, model_path, _ = exported
+    assert export_report[0] == 0
+    photo = _large_scene(tmp_path / "photo.png", 480, 720)  # seen at 128 x 192
+    # The demo with the exported window (64, stride 32) at the same test scale.
+    demo_cfg = cfg.clone()
+    demo_cfg.defrost()
+    demo_cfg.TEST.SLIDING_WINDOW.CROP_SIZE = WINDOW
+    demo = SemanticPredictor(demo_cfg, vocabulary=VOCABULARY)(read_image(photo), input_format="RGB")
+    threshold = float(np.median(demo.confidence)) + 1e-4
+    expected = np.where(demo.confidence < threshold, 255, demo.labels).astype(np.uint8)
+    assert tuple(demo.scores.shape[1:]) == (128, 192)
+
+    masks = tmp_path / "masks"
+    command = [sys.executable, "-c", BLOCKED_RUNNER, "--model", model_path, "--input", photo]
+    command += ["--save-masks", str(masks), "--confidence-threshold", str(threshold)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test scale 128/512" in proc.stderr
+    mask = np.asarray(Image.open(masks / "photo.png"))
+    assert mask.shape == (480, 720)
+    # The random-init model gives one class almost everywhere: the threshold makes the map.
+    assert 0.2 < (mask == 255).mean() < 0.8
+    assert (mask == expected).mean() >= 0.999
+    # In process: the upsampled confidence itself, at every pixel of the input.
+    ours = onnx_predict.OnnxSegmenter(model_path)(read_image(photo))
+    assert ours.scores.shape == tuple(demo.scores.shape)
+    np.testing.assert_allclose(ours.confidence, demo.confidence, rtol=0, atol=1e-4)
+
+
+def test_runner_reads_old_files_and_checks_the_override(exported, export_report, tmp_path, caplog):
+    _, model_path, _ = exported
+    assert export_report[0] == 0
+    # A file exported before the test scale was stored: run at the input's resolution.
+    old = tmp_path / "old.onnx"
+    model = onnx.load(model_path)
+    kept = [p for p in model.metadata_props if not p.key.endswith("_size_test")]
+    assert len(kept) == len(model.metadata_props) - 2
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(old))
+    image = render_sample(0, "val", 1, 160)[0][:96, :160]
+    old_run = onnx_predict.OnnxSegmenter(str(old))(image)
+    assert (old_run.scores.shape[1:], old_run.labels.shape) == ((96, 160), (96, 160))
+    # The same result as the new file with the override 0 (no resizing) ...
+    same = onnx_predict.OnnxSegmenter(model_path, min_size_test=0)(image)
+    np.testing.assert_array_equal(old_run.labels, same.labels)
+    np.testing.assert_array_equal(old_run.confidence, same.confidence)
+    # ... and another than the new file at its test scale (128 x 213, then upsampled).
+    resized = onnx_predict.OnnxSegmenter(model_path)(image)
+    assert resized.scores.shape[1:] == (128, 213) and resized.labels.shape == (96, 160)
+    assert np.abs(resized.confidence - old_run.confidence).max() > 1e-3
+
+    source = str(tmp_path / "in.png")
+    Image.fromarray(image).save(source)
+    base = ["--model", model_path, "--input", source, "--save-masks", str(tmp_path / "m")]
+    for override in (["--min-size-test", "-1"], ["--min-size-test", "600"]):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="hiervl.tools.onnx_predict"):
+            assert onnx_predict.main(base + override) == 1
+        (record,) = caplog.records
+        message = record.getMessage()
+        assert "--min-size-test / --max-size-test" in message and "\n" not in message
+        assert override[1] in message  # the value (600 > the file's MAX_SIZE_TEST 512)
+    assert not (tmp_path / "m").exists()
