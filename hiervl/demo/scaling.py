@@ -81,8 +81,9 @@ def upsampled_labels_numpy(
 
     The numpy counterpart of :func:`hiervl.demo.resize.upsampled_labels` (same taps, same
     result): separable, along the width at the test scale's rows first (K×h×W, small), then
-    along the height in bands of at most ``band_elements`` values, so that (K, H, W) never
-    exists at once.
+    along the height in bands of rows, one class at a time with a running maximum (numpy's
+    argmax over a leading axis would copy the band), so that at most ``band_elements``
+    full-size values exist at once.
 
     Args:
         probs: (K,h,w) per-pixel class distribution.
@@ -90,28 +91,37 @@ def upsampled_labels_numpy(
         threshold: pixels whose top probability is below it get ``unlabeled``.
         unlabeled: the label of those pixels.
     Returns:
-        labels (H,W) int64 and confidence (H,W) float32.
+        labels (H,W) int64 (the first class on ties, as argmax) and confidence (H,W)
+        float32.
     """
     num_classes, h, w = probs.shape
     height, width = size
     probs = np.asarray(probs, dtype=np.float32)
-    if (h, w) == (height, width):
-        labels = probs.argmax(axis=0)
-        confidence = np.take_along_axis(probs, labels[None], axis=0)[0]
-    else:
+    if (h, w) != (height, width):
         cols_low, cols_high, cols_frac = bilinear_taps(width, w)
         left = probs[:, :, cols_low]
         wide = left + cols_frac * (probs[:, :, cols_high] - left)  # (K,h,W)
         rows_low, rows_high, rows_frac = bilinear_taps(height, h)
-        labels = np.empty((height, width), dtype=np.int64)
-        confidence = np.empty((height, width), dtype=np.float32)
-        band = max(1, band_elements // max(1, num_classes * width))
-        for top in range(0, height, band):
-            rows = slice(top, min(top + band, height))
-            upper = wide[:, rows_low[rows]]
-            full = upper + rows_frac[rows, None] * (wide[:, rows_high[rows]] - upper)
-            labels[rows] = full.argmax(axis=0)
-            confidence[rows] = np.take_along_axis(full, labels[rows][None], axis=0)[0]
-    labels = labels.astype(np.int64)
+    labels = np.zeros((height, width), dtype=np.int64)
+    confidence = np.empty((height, width), dtype=np.float32)
+    band = max(1, band_elements // max(1, 2 * width))  # two (rows, W) buffers per class
+    for top in range(0, height, band):
+        rows = slice(top, min(top + band, height))
+        best, best_label = confidence[rows], labels[rows]
+        for k in range(num_classes):
+            if (h, w) == (height, width):
+                value = probs[k, rows]
+            else:
+                upper = wide[k, rows_low[rows]]
+                value = wide[k, rows_high[rows]]
+                value -= upper
+                value *= rows_frac[rows, None]
+                value += upper
+            if k == 0:
+                best[...] = value
+                continue
+            better = value > best
+            best_label[better] = k
+            np.maximum(best, value, out=best)
     labels[confidence < threshold] = unlabeled
-    return labels, confidence.astype(np.float32, copy=False)
+    return labels, confidence

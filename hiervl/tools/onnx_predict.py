@@ -57,7 +57,7 @@ from hiervl.demo.scaling import (
     upsampled_labels_numpy,
 )
 from hiervl.demo.visualizer import UNLABELED, DatasetPalette, SemanticVisualizer
-from hiervl.tools.onnx_metadata import INPUT_NAME, DeployMetadata
+from hiervl.tools.onnx_metadata import INPUT_NAME, PREFIX, DeployMetadata
 
 logger = logging.getLogger("hiervl.tools.onnx_predict")
 
@@ -154,7 +154,7 @@ class OnnxSegmenter:
             raise ValueError(f"--model {path!r}: onnxruntime cannot load it ({e})") from None
         props = self.session.get_modelmeta().custom_metadata_map
         self.meta = DeployMetadata.from_props(props, path)
-        if min_size_test is None and "hiervl.min_size_test" not in props:
+        if min_size_test is None and PREFIX + "min_size_test" not in props:
             logger.info("%s stores no test scale (an older export): no resizing", path)
         self.min_size = self.meta.min_size_test if min_size_test is None else min_size_test
         self.max_size = self.meta.max_size_test if max_size_test is None else max_size_test
@@ -202,7 +202,7 @@ class OnnxSegmenter:
         """(H,W,3) uint8 RGB → scores at the test scale, labels (``UNLABELED`` below the
         threshold) and confidence at the input's size."""
         size = inference_size(*image.shape[:2], min_size=self.min_size, max_size=self.max_size)
-        scores = self.scores(resize_image(image, size))
+        scores = self.scores(resize_image(np.ascontiguousarray(image), size))
         labels, confidence = upsampled_labels_numpy(
             probabilities(scores),
             image.shape[:2],

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 
-import cv2
 import numpy as np
 import onnx
 import pytest
@@ -218,7 +217,7 @@ def test_runner_and_export_report_bad_input(exported, export_report, tmp_path):
 def _large_scene(path, height, width):
     """A synthetic scene enlarged (nearest: sharp class borders) to height × width."""
     scene = render_sample(0, "val", 5, 128)[0]
-    Image.fromarray(cv2.resize(scene, (width, height), interpolation=cv2.INTER_NEAREST)).save(path)
+    Image.fromarray(scene).resize((width, height), Image.NEAREST).save(path)
     return str(path)
 
 

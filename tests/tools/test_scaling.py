@@ -35,7 +35,7 @@ def test_numpy_bands_equal_full_size_interpolate(k, small, size, band_rows):
         size,
         threshold=0.0,
         unlabeled=-1,
-        band_elements=band_rows * k * size[1],
+        band_elements=2 * band_rows * size[1],  # two (rows, W) buffers
     )
     assert labels.shape == size and labels.dtype == np.int64
     assert confidence.shape == size and confidence.dtype == np.float32
@@ -72,7 +72,7 @@ def test_equals_the_demos_torch_bands():
     threshold = float(probs.max(0).values.median()) + 1e-4
     torch_labels, torch_conf = upsampled_labels(probs, (70, 41), threshold=threshold, unlabeled=9)
     labels, confidence = upsampled_labels_numpy(
-        probs.numpy(), (70, 41), threshold=threshold, unlabeled=9, band_elements=7 * 41 * 5
+        probs.numpy(), (70, 41), threshold=threshold, unlabeled=9, band_elements=2 * 41 * 5
     )
     np.testing.assert_allclose(confidence, torch_conf, rtol=0, atol=1e-6)
     assert (labels == 9).any() and (labels != 9).any()
