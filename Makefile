@@ -1,7 +1,9 @@
 # HierVL developer commands. Everything a user needs starts here:
-#   make quickstart   set up if needed, train the tiny model on the built-in data, evaluate, demo
+#   make quickstart   set up if needed, pretrain a small CLIP and train the tiny model on the
+#                     built-in data (semi-supervised vs labelled-only), evaluate, demo
 #   make test         set up if needed, run the whole test suite (both stacks) and lint
 # Other targets: setup, setup-modern, lint, format, bench, gpu-suite, clean.
+# QUICKSTART_ARGS passes options, e.g. QUICKSTART_ARGS="--seed 3".
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -38,7 +40,7 @@ find_python = $(strip $(shell \
 .PHONY: help setup setup-modern test test-main test-modern lint format quickstart bench gpu-suite clean
 
 help:
-	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,7p' Makefile | sed 's/^# \{0,1\}//'
 
 ## --- setup -------------------------------------------------------------------
 setup: $(VENV)/.deps-stamp $(VENV)/.op-stamp

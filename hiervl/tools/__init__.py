@@ -1,1 +1,1 @@
-"""Command-line tools around a trained HierVL model (``python -m hiervl.tools.<name>``)."""
+"""Command-line tools: ``python -m hiervl.tools.<name>`` (CLIP pretraining, export, ONNX runs)."""

@@ -1,17 +1,30 @@
 """HierVL's built-in dataset: procedurally generated shapes, no download.
 
-Each image shows one to four objects — circles, squares, triangles, stars and striped
-patches — on a smooth textured background. Every class has a colour cue (stripes: a
-texture cue), objects sometimes wear another class's colour so the shape must decide,
-and later objects occlude earlier ones: learnable, not trivial. Class names are real
-words, so CLIP text queries mean something.
+Two variants share the classes (background, circle, square, triangle, star, stripes):
+
+- ``basic``: one to four objects on a smooth textured background. Every class has a
+  colour cue (stripes: a texture cue), objects sometimes wear another class's colour so
+  the shape must decide, and later objects occlude earlier ones: learnable, not trivial.
+  Registered as ``synthetic_*`` (tests, ``configs/tiny/hiervl_tiny_16.yaml``).
+- ``hard`` (:mod:`hiervl.data.datasets.synthetic_hard`): the colour cue holds for half
+  the objects only, varied fills, shapes that vary within a class, four kinds of background
+  including distractor clutter. Registered as ``synthetic_hard_*`` with the sizes of
+  :data:`HARD` (``make quickstart``); its scenes also give the captions of the CLIP
+  pretraining (``python -m hiervl.tools.pretrain_clip``), drawn from their own seed
+  words (:data:`PRETRAIN_SPLITS`), so they never repeat a train or val image.
+
+Class names are real words, so CLIP text queries mean something.
 
 Files are written on first use (when a dataset function is called), under
-``<root>/hiervl_synthetic/``: ``images/{train,val}/*.jpg`` and
-``annotations/{train,val}/*.png`` (class ids, 0 = background). A marker file records the
-generator version and parameters; a mismatch regenerates. Output bytes are a function of
-the seed alone (each image has its own generator), and generation is atomic (written to
-a temporary folder, then renamed), so concurrent processes are safe.
+``<root>/hiervl_synthetic/`` (``hiervl_synthetic_hard/``): ``images/{train,val}/*.jpg``
+and ``annotations/{train,val}/*.png`` (class ids, 0 = background). A marker file records
+the generator version and parameters; a mismatch regenerates. Output bytes are a function
+of the seed alone (each image has its own generator), and generation is atomic (written
+to a temporary folder, then renamed), so concurrent processes are safe.
+
+The labelled subset of ``n`` images is a seeded draw from the train split; its seed (the
+*split seed*, 0 unless given) is separate from the images' seed, so that several labelled
+subsets of the same images can be compared (``..._labeled_<n>_split<k>``).
 
 Shape letters: S image side (height = width).
 """
@@ -26,6 +39,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image, ImageDraw
+
+from hiervl.data.datasets.synthetic_hard import Scene, render_hard
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +59,26 @@ STUFF_COLORS = [[128, 128, 128]] + [list(CLASS_COLORS[k]) for k in range(1, len(
 IGNORE_LABEL = 255
 
 DIR_NAME = "hiervl_synthetic"
+# Folder of each variant under the dataset root.
+VARIANT_DIRS = {"basic": DIR_NAME, "hard": "hiervl_synthetic_hard"}
 MARKER = "GENERATED.json"
 # Bump when the drawing code changes, so existing folders are regenerated.
-GENERATOR_VERSION = 1
-DEFAULTS = {"seed": 0, "num_train": 400, "num_val": 50, "image_size": 128}
+# 2: the hard variant (the basic drawing is unchanged).
+GENERATOR_VERSION = 2
+DEFAULTS = {"seed": 0, "num_train": 400, "num_val": 50, "image_size": 128, "variant": "basic"}
 # Labelled-subset sizes registered as synthetic_train_{labeled,unlabeled}_<n>.
 LABELED_COUNTS = (16, 32, 64)
+# The quickstart's task: the hard variant at 64 pixels (README, "What make quickstart
+# shows"), registered as synthetic_hard_*.
+HARD = {"seed": 0, "num_train": 1000, "num_val": 100, "image_size": 64, "variant": "hard"}
+HARD_LABELED_COUNTS = (4, 8, 16, 32)
+# Split seeds registered as ..._labeled_<n>_split<k> (k = 0 is the unsuffixed name).
+SPLIT_SEEDS = tuple(range(10))
 JPEG_QUALITY = 90
-# Seed words: split ids, and the labelled/unlabelled partition.
-_SPLIT_IDS = {"train": 0, "val": 1}
+# Seed words: split ids, and the labelled/unlabelled partition. The pretraining splits
+# are never written to disk; their ids keep their images apart from train and val.
+_SPLIT_IDS = {"train": 0, "val": 1, "pretrain": 3, "pretrain_heldout": 4}
+PRETRAIN_SPLITS = ("pretrain", "pretrain_heldout")
 _PARTITION_WORD = 2
 
 # Drawing parameters, as fractions of S where they are lengths.
@@ -130,13 +156,7 @@ def _object_fill(class_id: int, size: int, rng: np.random.Generator) -> np.ndarr
     return fill + rng.normal(0, _PIXEL_NOISE, size=(size, size, 3))
 
 
-def render_sample(seed: int, split: str, index: int, size: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Draw image ``index`` of ``split``.
-
-    Returns:
-        image (S, S, 3) uint8 RGB, label (S, S) uint8 class ids (0 = background).
-    """
-    rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
+def _render_basic(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, np.ndarray]:
     image = _background(size, rng)
     label = np.zeros((size, size), dtype=np.uint8)
     num_objects = int(rng.integers(_OBJECTS_PER_IMAGE[0], _OBJECTS_PER_IMAGE[1] + 1))
@@ -146,6 +166,36 @@ def render_sample(seed: int, split: str, index: int, size: int) -> Tuple[np.ndar
         image[mask] = _object_fill(class_id, size, rng)[mask]
         label[mask] = class_id
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
+
+
+def _sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"unknown synthetic split {split!r} (expected one of {list(_SPLIT_IDS)})")
+    return np.random.default_rng([seed, _SPLIT_IDS[split], index])
+
+
+def render_sample(
+    seed: int, split: str, index: int, size: int, variant: str = "basic"
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Draw image ``index`` of ``split`` (a function of these arguments alone).
+
+    Returns:
+        image (S, S, 3) uint8 RGB, label (S, S) uint8 class ids (0 = background).
+    """
+    if variant not in VARIANT_DIRS:
+        raise ValueError(f"unknown synthetic variant {variant!r} (expected {list(VARIANT_DIRS)})")
+    rng = _sample_rng(seed, split, index)
+    if variant == "hard":
+        return render_hard(rng, size)[:2]
+    return _render_basic(rng, size)
+
+
+def render_scene(
+    seed: int, split: str, index: int, size: int
+) -> Tuple[np.ndarray, np.ndarray, Scene]:
+    """Image, label and :class:`Scene` (what is visible, for captions) of the hard
+    variant's image ``index`` of ``split``; the same image as ``render_sample``."""
+    return render_hard(_sample_rng(seed, split, index), size)
 
 
 def _file_paths(folder: str, split: str, index: int) -> Tuple[str, str]:
@@ -169,7 +219,9 @@ def _write_all(folder: str, spec: Dict[str, Any]) -> None:
         for sub in ("images", "annotations"):
             os.makedirs(os.path.join(folder, sub, split), exist_ok=True)
         for index in range(count):
-            image, label = render_sample(spec["seed"], split, index, spec["image_size"])
+            image, label = render_sample(
+                spec["seed"], split, index, spec["image_size"], spec["variant"]
+            )
             image_path, label_path = _file_paths(folder, split, index)
             Image.fromarray(image).save(image_path, quality=JPEG_QUALITY)
             Image.fromarray(label).save(label_path)
@@ -179,14 +231,19 @@ def _write_all(folder: str, spec: Dict[str, Any]) -> None:
 
 
 def ensure_generated(root: str, **params) -> str:
-    """Generate the dataset under ``<root>/hiervl_synthetic`` unless an identical one is
-    there; returns that folder. ``params`` override DEFAULTS (seed, num_train, num_val,
-    image_size)."""
+    """Generate the dataset under ``<root>/hiervl_synthetic`` (``hiervl_synthetic_hard``
+    for the hard variant) unless an identical one is there; returns that folder.
+    ``params`` override DEFAULTS (seed, num_train, num_val, image_size, variant)."""
     unknown = set(params) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown synthetic dataset parameters {sorted(unknown)}")
     spec = {**DEFAULTS, **params, "generator_version": GENERATOR_VERSION}
-    target = os.path.join(root, DIR_NAME)
+    if spec["variant"] not in VARIANT_DIRS:
+        raise ValueError(
+            f"unknown synthetic variant {spec['variant']!r} (expected {list(VARIANT_DIRS)})"
+        )
+    dir_name = VARIANT_DIRS[spec["variant"]]
+    target = os.path.join(root, dir_name)
     if _read_marker(target) == spec:
         return target
     if os.path.exists(target) and _read_marker(target) is None and os.listdir(target):
@@ -196,15 +253,15 @@ def ensure_generated(root: str, **params) -> str:
         )
     logger.info("Generating the HierVL synthetic dataset %s in %s ...", spec, target)
     os.makedirs(root, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{DIR_NAME}-", dir=root)
+    staging = tempfile.mkdtemp(prefix=f".{dir_name}-", dir=root)
     try:
         _write_all(staging, spec)
         if os.path.exists(target):
             if _read_marker(target) == spec:  # another process finished first
                 return target
             # Stale parameters: move aside atomically, then delete.
-            stale = tempfile.mkdtemp(prefix=f".{DIR_NAME}-stale-", dir=root)
-            os.rename(target, os.path.join(stale, DIR_NAME))
+            stale = tempfile.mkdtemp(prefix=f".{dir_name}-stale-", dir=root)
+            os.rename(target, os.path.join(stale, dir_name))
             shutil.rmtree(stale)
         try:
             os.rename(staging, target)
@@ -216,14 +273,18 @@ def ensure_generated(root: str, **params) -> str:
     return target
 
 
-def _labeled_indices(seed: int, num_train: int, count: int) -> np.ndarray:
+def _labeled_indices(seed: int, num_train: int, count: int, split_seed: int = 0) -> np.ndarray:
     if not 0 < count < num_train:
         raise ValueError(f"labelled subset of {count} images needs 0 < {count} < {num_train}")
-    order = np.random.default_rng([seed, _PARTITION_WORD]).permutation(num_train)
+    # Split seed 0 keeps the partition of GENERATOR_VERSION 1.
+    words = [seed, _PARTITION_WORD] + ([split_seed] if split_seed else [])
+    order = np.random.default_rng(words).permutation(num_train)
     return np.sort(order[:count])
 
 
-def load_synthetic(root: str, split: str, labeled_count: int = 0, **params) -> List[Dict]:
+def load_synthetic(
+    root: str, split: str, labeled_count: int = 0, split_seed: int = 0, **params
+) -> List[Dict]:
     """Dataset dicts (detectron2 semantic format) of one part, generating files if needed.
 
     Args:
@@ -231,6 +292,7 @@ def load_synthetic(root: str, split: str, labeled_count: int = 0, **params) -> L
         labeled_count: 0 = the whole split, labelled; > 0 = the train subset of that many
             labelled images; < 0 = the train images outside the subset of -labeled_count,
             without labels.
+        split_seed: which seeded draw the labelled subset is.
     """
     folder = ensure_generated(root, **params)
     spec = _read_marker(folder)
@@ -238,7 +300,7 @@ def load_synthetic(root: str, split: str, labeled_count: int = 0, **params) -> L
     indices = np.arange(count)
     if labeled_count != 0:
         assert split == "train", "labelled/unlabelled subsets are parts of the train split"
-        chosen = _labeled_indices(spec["seed"], count, abs(labeled_count))
+        chosen = _labeled_indices(spec["seed"], count, abs(labeled_count), split_seed)
         indices = chosen if labeled_count > 0 else np.setdiff1d(indices, chosen)
     dicts = []
     for index in indices.tolist():
@@ -255,30 +317,50 @@ def load_synthetic(root: str, split: str, labeled_count: int = 0, **params) -> L
     return dicts
 
 
+def _parts(prefix: str, counts: Sequence[int], split_seeds: Sequence[int]) -> Dict[str, tuple]:
+    """Registered name -> (split, labeled_count, split_seed) of one family."""
+    parts = {f"{prefix}_train": ("train", 0, 0), f"{prefix}_val": ("val", 0, 0)}
+    for n in counts:
+        for k in split_seeds:
+            suffix = f"_split{k}" if k else ""
+            parts[f"{prefix}_train_labeled_{n}{suffix}"] = ("train", n, k)
+            parts[f"{prefix}_train_unlabeled_{n}{suffix}"] = ("train", -n, k)
+    return parts
+
+
 def register_synthetic(root: str, **params) -> List[str]:
     """Register the synthetic dataset's parts; returns their names.
 
     Names: ``synthetic_train`` (all train images, labelled), ``synthetic_val``, and for each
     n in LABELED_COUNTS ``synthetic_train_labeled_<n>`` / ``synthetic_train_unlabeled_<n>``
-    (disjoint; together the train split). Nothing is generated until a dataset is loaded.
-    Registering again replaces the earlier registration (e.g. with another root).
+    (disjoint; together the train split), with ``params`` (default DEFAULTS). The hard
+    variant with the sizes of :data:`HARD` is registered alongside as ``synthetic_hard_*``
+    (n in HARD_LABELED_COUNTS), each labelled subset also under every split seed k > 0 of
+    SPLIT_SEEDS as ``synthetic_hard_train_{labeled,unlabeled}_<n>_split<k>``. Nothing is
+    generated until a dataset is loaded. Registering again replaces the earlier
+    registration (e.g. with another root).
     """
-    parts = {"synthetic_train": ("train", 0), "synthetic_val": ("val", 0)}
-    for n in LABELED_COUNTS:
-        parts[f"synthetic_train_labeled_{n}"] = ("train", n)
-        parts[f"synthetic_train_unlabeled_{n}"] = ("train", -n)
-    for name, (split, labeled_count) in parts.items():
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(
-            name,
-            lambda s=split, n=labeled_count: load_synthetic(root, s, n, **params),
-        )
-        MetadataCatalog.get(name).set(
-            stuff_classes=list(CLASSES),
-            stuff_colors=[list(c) for c in STUFF_COLORS],
-            ignore_label=IGNORE_LABEL,
-            evaluator_type="sem_seg",
-        )
-    return list(parts)
+    families = [
+        ("synthetic", params, _parts("synthetic", LABELED_COUNTS, (0,))),
+        ("synthetic_hard", HARD, _parts("synthetic_hard", HARD_LABELED_COUNTS, SPLIT_SEEDS)),
+    ]
+    names = []
+    for _, family_params, parts in families:
+        for name, (split, labeled_count, split_seed) in parts.items():
+            if name in DatasetCatalog.list():
+                DatasetCatalog.remove(name)
+                MetadataCatalog.remove(name)
+            DatasetCatalog.register(
+                name,
+                lambda s=split, n=labeled_count, k=split_seed, p=family_params: load_synthetic(
+                    root, s, n, k, **p
+                ),
+            )
+            MetadataCatalog.get(name).set(
+                stuff_classes=list(CLASSES),
+                stuff_colors=[list(c) for c in STUFF_COLORS],
+                ignore_label=IGNORE_LABEL,
+                evaluator_type="sem_seg",
+            )
+            names.append(name)
+    return names
