@@ -59,7 +59,7 @@ _LOG_PERIOD = 25
 class PretrainSettings:
     """Everything the pretrained weights depend on besides the architecture."""
 
-    steps: int = 700
+    steps: int = 800
     batch_size: int = 64
     num_images: int = 6000
     heldout_images: int = 500

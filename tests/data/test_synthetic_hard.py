@@ -63,13 +63,21 @@ def test_colour_is_half_a_cue():
         assert len(set(colors)) >= 8, (CLASSES[k], set(colors))
 
 
-def test_captions_name_exactly_the_visible_classes_in_varied_forms():
+def test_captions_name_visible_classes_only_all_of_them_half_the_time():
     rng = np.random.default_rng(0)
+    full, multi = 0, 0
     for index in range(60):
         scene = render_scene(0, "pretrain", index, SIZE)[2]
+        visible = {CLASSES[k] for k in scene.classes}
         for _ in range(5):
             text = caption(scene, rng)
-            assert _named_classes(text) == {CLASSES[k] for k in scene.classes}, (text, scene)
+            named = _named_classes(text)
+            assert named <= visible and (named or not visible), (text, scene)
+            if len(visible) > 1:
+                multi += 1
+                full += named == visible
+    # A strict subset with probability _SUBSET_PROB (0.5), else every visible class.
+    assert 0.35 < full / multi < 0.65, (full, multi)
     scene = Scene(classes=(1, 4, 5), colors=("red", "orange", "blue"), counts=(2, 1, 1),
                   background="noisy")  # fmt: skip
     texts = [caption(scene, rng) for _ in range(300)]
