@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import cv2
 import numpy as np
 
 __all__ = [
@@ -54,6 +53,8 @@ def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     if tuple(image.shape[:2]) == tuple(size):
         return image
     shrink = size[0] * size[1] < image.shape[0] * image.shape[1]
+    import cv2  # here: the export metadata imports this module on stacks without OpenCV
+
     interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
     return cv2.resize(image, (size[1], size[0]), interpolation=interpolation)
 
