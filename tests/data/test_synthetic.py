@@ -102,25 +102,6 @@ def test_masks_match_images(tmp_path):
     assert inside[5] > 3 * inside[2]
 
 
-@pytest.fixture
-def restore_catalog():
-    """Put back any synthetic registration that existed before the test (e.g. from
-    register_all in another test), so this test leaves the global catalogs as it found them."""
-    saved = {
-        name: (DatasetCatalog[name], MetadataCatalog.get(name).as_dict())
-        for name in list(DatasetCatalog.keys())
-        if name.startswith("synthetic_")
-    }
-    yield
-    for name in [n for n in DatasetCatalog.keys() if n.startswith("synthetic_")]:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    for name, (func, meta) in saved.items():
-        DatasetCatalog.register(name, func)
-        meta.pop("name", None)
-        MetadataCatalog.get(name).set(**meta)
-
-
 def test_registration_parts(tmp_path, restore_catalog):
     names = register_synthetic(str(tmp_path), seed=0, **SMALL)
     assert {"synthetic_train", "synthetic_val", "synthetic_train_labeled_16",

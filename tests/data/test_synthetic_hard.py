@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 import pytest
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 
 from hiervl.data.datasets import synthetic
 from hiervl.data.datasets.synthetic import (
@@ -89,25 +89,6 @@ def test_captions_name_visible_classes_only_all_of_them_half_the_time():
     assert any("background" not in t for t in texts)
     empty = Scene(classes=(), colors=(), counts=(), background="cluttered")
     assert caption(empty, rng) == "a cluttered background."
-
-
-@pytest.fixture
-def restore_catalog():
-    # Datasets and their metadata both: a registration without metadata breaks the next
-    # register_all (it removes both).
-    saved = {
-        name: (DatasetCatalog[name], MetadataCatalog.get(name).as_dict())
-        for name in list(DatasetCatalog.keys())
-        if name.startswith("synthetic_")
-    }
-    yield
-    for name in [n for n in DatasetCatalog.keys() if n.startswith("synthetic_")]:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    for name, (func, meta) in saved.items():
-        DatasetCatalog.register(name, func)
-        meta.pop("name", None)
-        MetadataCatalog.get(name).set(**meta)
 
 
 def test_hard_family_splits(tmp_path, monkeypatch, restore_catalog):
