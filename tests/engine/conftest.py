@@ -8,31 +8,16 @@ second one, and on a machine shared with other jobs every multi-threaded op wait
 descheduled thread (measured: the resume test 2.7 s on one thread, 53 s on two).
 """
 
-import os
-
 import pytest
-import torch
-from tiny_training import REPO
-
-from hiervl.data.datasets.synthetic import ensure_generated
 
 
 @pytest.fixture(scope="session", autouse=True)
-def synthetic_root():
-    root = os.path.abspath(os.environ.get("DETECTRON2_DATASETS", str(REPO / "datasets")))
-    ensure_generated(root)
-    previous = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = root
-    yield root
-    if previous is None:
-        del os.environ["DETECTRON2_DATASETS"]
-    else:
-        os.environ["DETECTRON2_DATASETS"] = previous
+def _engine_dataset(synthetic_root):
+    """tests/conftest.py's ``synthetic_root``, for every engine test."""
+    yield synthetic_root
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _engine_one_thread(one_torch_thread):
+    """tests/conftest.py's ``one_torch_thread``, for every engine test."""
     yield
-    torch.set_num_threads(previous)
