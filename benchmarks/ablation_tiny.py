@@ -18,7 +18,8 @@ to the full model are printed as one table. Rows (``--rows`` picks a subset by n
     wd_embed        the recipe detail undone: weight decay on embeddings and norms
     anchor_sum      L_anchor's repulsion as eq. 4's sum
     labeled_union   HSQG.LABELED_GATE union
-    prune_test      TEST.PRUNE_CLASSES True (inference only)
+    prune_test      TEST.PRUNE_CLASSES True (inference only: the ``full`` row's final model of
+                    the same seed, evaluated again with ``--eval-only``)
 
     python benchmarks/ablation_tiny.py --seeds 0 1 2 [--rows full ssl_off] [--jobs 2]
         [--clip PATH/clip.pt] [--output output/ablation_tiny] [-- KEY VALUE ...]
@@ -73,6 +74,9 @@ ROWS: Dict[str, List[str]] = {
     "labeled_union": [_H + "HSQG.LABELED_GATE", "union"],
     "prune_test": ["TEST.PRUNE_CLASSES", "True"],
 }  # fmt: skip
+# Rows that change inference only: no training of their own, the final model of the named
+# row (same seed) is evaluated with the row's overrides.
+EVAL_ONLY_ROWS: Dict[str, str] = {"prune_test": "full"}
 
 
 def read_miou(run_dir: str) -> Optional[float]:
@@ -88,21 +92,26 @@ def read_miou(run_dir: str) -> Optional[float]:
     return float(values[0]["mIoU"])
 
 
-def run_command(config: str, run_dir: str, overrides: Sequence[str]) -> List[str]:
-    """The ``train_net.py`` command line of one (row, seed) run."""
+def run_command(
+    config: str, run_dir: str, overrides: Sequence[str], eval_weights: str = ""
+) -> List[str]:
+    """The ``train_net.py`` command line of one (row, seed) run; with ``eval_weights`` an
+    ``--eval-only`` evaluation of that checkpoint instead of a training."""
+    extra = ["--eval-only", "MODEL.WEIGHTS", eval_weights] if eval_weights else []
     return [
         sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config,
-        *overrides, "OUTPUT_DIR", run_dir,
+        *extra[:1], *overrides, *extra[1:], "OUTPUT_DIR", run_dir,
     ]  # fmt: skip
 
 
-def _train(config: str, run_dir: str, overrides: Sequence[str]) -> float:
+def _train(config: str, run_dir: str, overrides: Sequence[str], eval_weights: str = "") -> float:
     os.makedirs(run_dir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if eval_weights and not os.path.isfile(eval_weights):
+        raise RuntimeError(f"run {run_dir} evaluates {eval_weights}, which does not exist")
+    command = run_command(config, run_dir, overrides, eval_weights)
     with open(os.path.join(run_dir, "log.txt.ablation"), "w") as log:
-        proc = subprocess.run(
-            run_command(config, run_dir, overrides), stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     miou = read_miou(run_dir)
     if proc.returncode != 0 or miou is None:
         raise RuntimeError(
@@ -177,26 +186,38 @@ def main(argv=None) -> Dict[str, List[float]]:
         if done is not None:
             results[row][seed] = done
     missing = [(row, seed) for row, seed in runs if seed not in results[row]]
-    todo = []
+    todo, evals = [], []
     if missing:
         base_cfg, clip = _prepare(args)
         for row, seed in missing:
             opts = [_H + "CLIP.PRETRAINED", clip, *seed_opts(base_cfg, seed), *args.opts]
-            todo.append((row, seed, _run_dir(args, row, seed), opts + ROWS[row]))
-    print(f"{len(runs)} runs, {len(runs) - len(todo)} reused, {len(todo)} to train", flush=True)
+            run = (row, seed, _run_dir(args, row, seed), opts + ROWS[row])
+            if row in EVAL_ONLY_ROWS:
+                source = _run_dir(args, EVAL_ONLY_ROWS[row], seed)
+                evals.append(run + (os.path.join(source, "model_final.pth"),))
+            else:
+                todo.append(run + ("",))
+    print(
+        f"{len(runs)} runs, {len(runs) - len(todo) - len(evals)} reused, {len(todo)} to train, "
+        f"{len(evals)} to evaluate",
+        flush=True,
+    )
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(_train, args.config_file, d, o): (r, s) for r, s, d, o in todo}
-        for count, future in enumerate(as_completed(futures), 1):
-            row, seed = futures[future]
-            results[row][seed] = future.result()
-            elapsed = time.perf_counter() - start
-            eta = elapsed / count * (len(todo) - count)
-            print(
-                f"[{count}/{len(todo)}] {row} seed {seed}: mIoU {results[row][seed]:.2f}"
-                f" ({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
-                flush=True,
-            )
+    # Trainings first (two at a time), then the inference-only rows, which need their
+    # source row's final model.
+    for stage in (todo, evals):
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {pool.submit(_train, args.config_file, *run[2:]): run[:2] for run in stage}
+            for count, future in enumerate(as_completed(futures), 1):
+                row, seed = futures[future]
+                results[row][seed] = future.result()
+                elapsed = time.perf_counter() - start
+                eta = elapsed / count * (len(stage) - count)
+                print(
+                    f"[{count}/{len(stage)}] {row} seed {seed}: mIoU {results[row][seed]:.2f}"
+                    f" ({elapsed / 60:.1f} min, stage ETA {eta / 60:.1f} min)",
+                    flush=True,
+                )
     table = {row: [results[row][s] for s in args.seeds] for row in args.rows}
     title = f"ablations, mIoU (%) on the config's validation set, {args.config_file}"
     print("\n" + format_table(table, args.seeds, title))

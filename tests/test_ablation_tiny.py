@@ -66,3 +66,17 @@ def test_run_command_puts_the_row_last_and_its_own_output_dir():
     cmd = ablation_tiny.run_command("c.yaml", "/o/r", ["SEED", "1", "A.B", "x"])
     assert cmd[1] == os.path.join(str(REPO), "train_net.py")
     assert cmd[2:] == ["--config-file", "c.yaml", "SEED", "1", "A.B", "x", "OUTPUT_DIR", "/o/r"]
+
+
+def test_an_inference_only_row_evaluates_its_source_rows_final_model():
+    assert ablation_tiny.EVAL_ONLY_ROWS == {"prune_test": "full"}
+    cmd = ablation_tiny.run_command("c.yaml", "/o/p", ["TEST.PRUNE_CLASSES", "True"], "/o/f.pth")
+    assert cmd[2:] == [
+        "--config-file", "c.yaml", "--eval-only", "TEST.PRUNE_CLASSES", "True",
+        "MODEL.WEIGHTS", "/o/f.pth", "OUTPUT_DIR", "/o/p",
+    ]  # fmt: skip
+
+
+def test_an_inference_only_row_without_its_source_model_names_it(tmp_path):
+    with pytest.raises(RuntimeError, match="evaluates .*model_final.pth, which does not exist"):
+        ablation_tiny._train("c.yaml", str(tmp_path / "p"), [], str(tmp_path / "model_final.pth"))
