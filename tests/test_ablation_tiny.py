@@ -80,3 +80,14 @@ def test_an_inference_only_row_evaluates_its_source_rows_final_model():
 def test_an_inference_only_row_without_its_source_model_names_it(tmp_path):
     with pytest.raises(RuntimeError, match="evaluates .*model_final.pth, which does not exist"):
         ablation_tiny._train("c.yaml", str(tmp_path / "p"), [], str(tmp_path / "model_final.pth"))
+
+
+def test_iters_come_before_the_overrides_so_that_an_override_still_wins():
+    args = ablation_tiny._parse(["--iters", "50", "--", "SOLVER.MAX_ITER", "7"])
+    assert args.opts == [
+        "SOLVER.MAX_ITER", "50", "SOLVER.CHECKPOINT_PERIOD", "50", "SOLVER.MAX_ITER", "7",
+    ]  # fmt: skip
+    assert ablation_tiny._parse(["--iters", "0"]).opts == []
+    assert ablation_tiny._parse([]).opts[:2] == ["SOLVER.MAX_ITER", "300"]
+    with pytest.raises(SystemExit):
+        ablation_tiny._parse(["--iters", "-1"])
