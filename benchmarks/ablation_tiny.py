@@ -99,10 +99,11 @@ def run_command(
 ) -> List[str]:
     """The ``train_net.py`` command line of one (row, seed) run; with ``eval_weights`` an
     ``--eval-only`` evaluation of that checkpoint instead of a training."""
-    extra = ["--eval-only", "MODEL.WEIGHTS", eval_weights] if eval_weights else []
+    mode = ["--eval-only"] if eval_weights else []
+    weights = ["MODEL.WEIGHTS", eval_weights] if eval_weights else []
     return [
         sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config,
-        *extra[:1], *overrides, *extra[1:], "OUTPUT_DIR", run_dir,
+        *mode, *overrides, *weights, "OUTPUT_DIR", run_dir,
     ]  # fmt: skip
 
 
