@@ -47,10 +47,9 @@ def test_scene_matches_label_and_render_sample():
         render_sample(0, "train", 0, SIZE, "harder")
 
 
-def test_colour_is_half_a_cue():
-    """Each shape class wears its cue colour about half the time (CUE_PROB, plus the cue's
-    share of the uniform draws) and most palette colours otherwise; in the basic variant
-    the cue holds 85 % of the time."""
+def test_colour_is_a_cue_not_a_rule():
+    """Each shape class wears its cue colour CUE_PROB (0.8) of the time, plus the cue's
+    share of the uniform draws, and most palette colours otherwise."""
     worn = {k: [] for k in range(1, len(CLASSES))}
     for index in range(300):
         scene = render_scene(0, "train", index, SIZE)[2]
@@ -59,7 +58,7 @@ def test_colour_is_half_a_cue():
     expected = CUE_PROB + (1 - CUE_PROB) / len(PALETTE)
     for k, colors in worn.items():
         share = np.mean([c == CUE_COLORS[k] for c in colors])
-        assert abs(share - expected) < 0.15, (CLASSES[k], share, len(colors))
+        assert abs(share - expected) < 0.1, (CLASSES[k], share, len(colors))
         assert len(set(colors)) >= 8, (CLASSES[k], set(colors))
 
 

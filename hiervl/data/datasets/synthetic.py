@@ -6,12 +6,13 @@ Two variants share the classes (background, circle, square, triangle, star, stri
   colour cue (stripes: a texture cue), objects sometimes wear another class's colour so
   the shape must decide, and later objects occlude earlier ones: learnable, not trivial.
   Registered as ``synthetic_*`` (tests, ``configs/tiny/hiervl_tiny_16.yaml``).
-- ``hard`` (:mod:`hiervl.data.datasets.synthetic_hard`): the colour cue holds for half
-  the objects only, varied fills, shapes that vary within a class, four kinds of background
-  including distractor clutter. Registered as ``synthetic_hard_*`` with the sizes of
-  :data:`HARD` (``make quickstart``); its scenes also give the captions of the CLIP
-  pretraining (``python -m hiervl.tools.pretrain_clip``), drawn from their own seed
-  words (:data:`PRETRAIN_SPLITS`), so they never repeat a train or val image.
+- ``hard`` (:mod:`hiervl.data.datasets.synthetic_hard`): one to three larger objects whose
+  colour cue holds for four in five of them only, varied fills, shapes that vary within a
+  class, four kinds of background including distractor clutter. Registered as
+  ``synthetic_hard_*`` with the sizes of :data:`HARD` (``make quickstart``); its scenes
+  also give the captions of the CLIP pretraining (``python -m hiervl.tools.pretrain_clip``),
+  drawn from their own seed words (:data:`PRETRAIN_SPLITS`), so they never repeat a train
+  or val image.
 
 Class names are real words, so CLIP text queries mean something.
 
@@ -64,7 +65,8 @@ VARIANT_DIRS = {"basic": DIR_NAME, "hard": "hiervl_synthetic_hard"}
 MARKER = "GENERATED.json"
 # Bump when the drawing code changes, so existing folders are regenerated.
 # 2: the hard variant (the basic drawing is unchanged).
-GENERATOR_VERSION = 2
+# 3: the hard variant's objects larger and fewer (1-3), colour cue 0.8 instead of 0.5.
+GENERATOR_VERSION = 3
 DEFAULTS = {"seed": 0, "num_train": 400, "num_val": 50, "image_size": 128, "variant": "basic"}
 # Labelled-subset sizes registered as synthetic_train_{labeled,unlabeled}_<n>.
 LABELED_COUNTS = (16, 32, 64)
