@@ -61,7 +61,8 @@ class PretrainSettings:
 
     # 800 x 48 pairs over 4000 images: the zero-shot figures of 800 x 64 over 6000 (presence
     # AUC 0.763, MaskCLIP mIoU 14.6 vs 14.5) in 3/4 of the compute, within the 3 min
-    # (benchmarks/RESULTS.md); 500 steps lost the dense alignment (MaskCLIP mIoU 6.6).
+    # (benchmarks/RESULTS.md); 500 steps lost the dense alignment (MaskCLIP mIoU 6.6). Those
+    # figures are for generator v2; on v3 the same settings give AUC 0.912, MaskCLIP 26.1.
     steps: int = 800
     batch_size: int = 48
     num_images: int = 4000
