@@ -5,7 +5,9 @@ validation set and on unlabelled training images (the synthetic generator knows 
   gate (the classes present given): what the gate's mistakes cost;
 - the share of pixels whose pseudo-label would pass SSL.CONF_THRESHOLD, and how many of
   those are right, over all pixels and over foreground pixels only: whether the
-  weak-to-strong consistency teaches the model its right or its wrong answers.
+  weak-to-strong consistency teaches the model its right or its wrong answers;
+- the same per class (predicted gate), with the class its confident wrong pixels are
+  most often taken for.
 
     python benchmarks/quickstart_diagnosis.py output/quickstart/semi_supervised \
         [--weights model_final.pth] [--unlabeled 200]
@@ -39,7 +41,8 @@ def _load(name, count):
 
 
 def diagnose(model, cfg, name, count):
-    num_classes = len(MetadataCatalog.get(cfg.DATASETS.TEST[0]).stuff_classes)
+    classes = MetadataCatalog.get(cfg.DATASETS.TEST[0]).stuff_classes
+    num_classes = len(classes)
     images, labels = _load(name, count)
     mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1)
@@ -62,6 +65,27 @@ def diagnose(model, cfg, name, count):
             f"  {name:<36} {gate:<17} mIoU {miou:5.1f} | confident {100 * keep.mean():5.1f} % "
             f"right {100 * right[keep].mean():5.1f} % | foreground: confident "
             f"{100 * keep[fg].mean():5.1f} % right {100 * right[keep & fg].mean():5.1f} %"
+        )
+        if presence is None:
+            rows += _per_class(labels, pred, keep, classes)
+    return rows
+
+
+def _per_class(labels, pred, keep, classes):
+    """One line per class: how many of its pixels are confident, how many of those are
+    right, and what the confident wrong ones are taken for (what the strong views learn)."""
+    rows = []
+    for c, cls in enumerate(classes):
+        own = labels == c
+        if not own.any():
+            continue
+        sure = own & keep
+        wrong = np.bincount(pred[sure & (pred != c)], minlength=len(classes))
+        worst = f"{classes[int(wrong.argmax())]} {100 * wrong.max() / max(sure.sum(), 1):4.1f} %"
+        rows.append(
+            f"      {cls:<12} confident {100 * sure.sum() / own.sum():5.1f} % right "
+            f"{100 * (pred[sure] == c).mean() if sure.any() else float('nan'):5.1f} % | "
+            f"most taken for {worst if wrong.any() else '-'}"
         )
     return rows
 

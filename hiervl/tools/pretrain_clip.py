@@ -39,7 +39,13 @@ from open_clip.loss import ClipLoss
 from open_clip.model import CLIP
 from open_clip.tokenizer import SimpleTokenizer
 
-from hiervl.data.datasets.synthetic import CLASSES, GENERATOR_VERSION, HARD, render_scene
+from hiervl.data.datasets.synthetic import (
+    CLASSES,
+    GENERATOR_VERSION,
+    HARD,
+    generator_digest,
+    render_scene,
+)
 from hiervl.data.datasets.synthetic_hard import Scene, caption
 from hiervl.modeling.backbone.clip_loader import CUSTOM_KEYS, custom_clip_config
 from hiervl.tools.zero_shot import normalize_images, zero_shot_report
@@ -200,6 +206,7 @@ def settings_key(sizes: Dict[str, int], settings: PretrainSettings) -> str:
     spec = {
         "pretrain_version": PRETRAIN_VERSION,
         "generator_version": GENERATOR_VERSION,
+        "generator_digest": generator_digest(),
         "sizes": sizes,
         "settings": dataclasses.asdict(settings),
     }

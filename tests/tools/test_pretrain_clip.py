@@ -77,6 +77,10 @@ def test_few_steps_lower_the_loss_and_load_through_the_loader(tmp_path, monkeypa
         clip_sizes(cfg), PretrainSettings(steps=31, batch_size=16, num_images=48)
     )
     assert "presence AUC, circle" in pretrain_clip.format_report(path, record)
+    # Other drawing code (same GENERATOR_VERSION): another folder.
+    key = pretrain_clip.settings_key(clip_sizes(cfg), FEW)
+    monkeypatch.setattr(pretrain_clip, "generator_digest", lambda: "edited")
+    assert pretrain_clip.settings_key(clip_sizes(cfg), FEW) != key
 
 
 def test_bad_settings_and_configs_are_named():

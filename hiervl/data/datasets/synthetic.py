@@ -30,6 +30,7 @@ subsets of the same images can be compared (``..._labeled_<n>_split<k>``).
 Shape letters: S image side (height = width).
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image, ImageDraw
 
+from hiervl.data.datasets import synthetic_hard
 from hiervl.data.datasets.synthetic_hard import Scene, render_hard
 
 logger = logging.getLogger(__name__)
@@ -63,10 +65,24 @@ DIR_NAME = "hiervl_synthetic"
 # Folder of each variant under the dataset root.
 VARIANT_DIRS = {"basic": DIR_NAME, "hard": "hiervl_synthetic_hard"}
 MARKER = "GENERATED.json"
-# Bump when the drawing code changes, so existing folders are regenerated.
+# Bump when the drawing code changes (the folders and the small CLIP's cache are also keyed
+# by generator_digest(), the hash of the drawing code, so a forgotten bump still regenerates).
 # 2: the hard variant (the basic drawing is unchanged).
 # 3: the hard variant's objects larger and fewer (1-3), colour cue 0.8 instead of 0.5.
 GENERATOR_VERSION = 3
+
+
+def generator_digest() -> str:
+    """Hash of the drawing code's source (this module and ``synthetic_hard``): stored in
+    the dataset marker and in the small CLIP's cache key, so that editing a drawing constant
+    regenerates both even where GENERATOR_VERSION was not bumped."""
+    h = hashlib.sha256()
+    for path in (__file__, synthetic_hard.__file__):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 DEFAULTS = {"seed": 0, "num_train": 400, "num_val": 50, "image_size": 128, "variant": "basic"}
 # Labelled-subset sizes registered as synthetic_train_{labeled,unlabeled}_<n>.
 LABELED_COUNTS = (16, 32, 64)
@@ -239,7 +255,12 @@ def ensure_generated(root: str, **params) -> str:
     unknown = set(params) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown synthetic dataset parameters {sorted(unknown)}")
-    spec = {**DEFAULTS, **params, "generator_version": GENERATOR_VERSION}
+    spec = {
+        **DEFAULTS,
+        **params,
+        "generator_version": GENERATOR_VERSION,
+        "generator_digest": generator_digest(),
+    }
     if spec["variant"] not in VARIANT_DIRS:
         raise ValueError(
             f"unknown synthetic variant {spec['variant']!r} (expected {list(VARIANT_DIRS)})"
