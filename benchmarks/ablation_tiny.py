@@ -30,7 +30,7 @@ Seed N is the quickstart's ``--seed N`` (SEED and the labelled split of seed N,
 at a time (``--jobs``), one thread each; finished runs (their
 ``metrics.json``) are reused, so an interrupted table continues where it stopped. It is
 a benchmark, outside CI: the whole table is 17 trainings x 3 seeds of the quickstart's
-config at ``--iters`` iterations (300 by default, 84 min on the 2-core machine; the
+config at ``--iters`` iterations (300 by default, 68 min on the quiet 2-core machine; the
 quickstart's own 800 would take about 4 hours) and 3 evaluations.
 """
 
