@@ -64,8 +64,12 @@ def main(argv=None):
     print(
         f"\nquickstart over {len(results)} seeds: mIoU (%) on {first['val_dataset']}, "
         f"{first['iterations']} iterations, {first['labeled_dataset']} (+ split seeds); "
-        f"load average {os.getloadavg()[0]:.1f} at the end\n"
+        f"load average {os.getloadavg()[0]:.1f} at the end"
     )
+    machine = first.get("machine")
+    if machine:  # runs of older versions did not record it
+        print(f"machine: torch {machine['torch']}, CPU kernels {machine['cpu_capability']}")
+    print()
     print("| seed | semi-supervised | labelled only | gain | majority | min (all) | CLIP |")
     print("|---:|---:|---:|---:|---:|---:|---|")
     gains, semis, sups = [], [], []

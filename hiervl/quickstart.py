@@ -27,6 +27,7 @@ import json
 import logging
 import multiprocessing
 import os
+import platform
 import sys
 import time
 from typing import Dict, List, Sequence
@@ -285,6 +286,7 @@ def main(argv: List[str] = None) -> Dict[str, dict]:
         "unlabeled_dataset": cfg.DATASETS.TRAIN_UNLABELED[0],
         "val_dataset": val_name,
         "clip": _clip_summary(clip_path, clip_record),
+        "machine": machine_summary(),
         "seconds": round(time.perf_counter() - start, 1),
     }
     path = os.path.join(args.output_dir, "metrics.json")
@@ -308,9 +310,29 @@ def main(argv: List[str] = None) -> Dict[str, dict]:
         f"(CLIP pretraining: {clip_note})"
     ]
     lines += [f"  {name:<{width}} : {value:6.2f}" for name, value in rows]
-    lines += [f"metrics: {path}", f"demo picture: {picture}"]
+    machine = metrics["machine"]
+    lines += [
+        f"machine: torch {machine['torch']}, CPU kernels {machine['cpu_capability']}, "
+        f"{machine['cpu_count']} cores (the mIoU depends on these too: see README.md)",
+        f"metrics: {path}",
+        f"demo picture: {picture}",
+    ]
     print("\n" + "\n".join(lines))
     return metrics
+
+
+def machine_summary() -> Dict[str, object]:
+    """What the numbers of a run depend on besides the code and the seed: torch's version
+    and the SIMD kernels it dispatches to on this CPU (e.g. AVX2 vs AVX512 give different
+    float rounding, and a few hundred iterations of training turn that into different
+    mIoU), the training threads and the core count."""
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_arch": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "train_threads": TRAIN_THREADS,
+    }
 
 
 def cli(argv: List[str] = None) -> int:

@@ -7,6 +7,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+import torch
 import yaml
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -70,6 +71,9 @@ def test_quickstart_end_to_end(tmp_path, monkeypatch):
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["iterations"] == 2 and on_disk["seed"] == 0
     assert on_disk["labeled_dataset"] == "synthetic_hard_train_labeled_8"
+    assert on_disk["machine"]["torch"] == torch.__version__
+    assert on_disk["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert on_disk["machine"]["train_threads"] == quickstart.TRAIN_THREADS
     for run in ("semi_supervised", "labeled_only"):
         assert 0.0 <= on_disk[run]["mIoU"] <= 100.0
         assert (out / run / "model_final.pth").is_file()
