@@ -324,6 +324,30 @@ def test_a_silent_unlabelled_stream_adds_nothing_to_the_labelled_gradient():
     )
 
 
+def test_consistency_mode_from_the_config_reaches_the_loss():
+    """SSL.CONSISTENCY_MODE is wired: with no pseudo-label above CONF_THRESHOLD the
+    pixelwise terms are exactly 0, while the confidence-weighted mode (``pixelavg``, the
+    quickstart's) has no threshold and learns from every pixel."""
+    batch = {
+        "labeled": _labeled(),
+        "unlabeled": _unlabeled(),
+        "unlabeled_mix": _unlabeled(seed=20),
+        "iteration": 0,
+        "max_iter": 10,
+    }
+    values = {}
+    for mode in ("pixel", "pixelavg"):
+        model = _model(
+            "MODEL.HIERVL.SSL.CONF_THRESHOLD", "1.01",
+            "MODEL.HIERVL.SSL.CONSISTENCY_MODE", mode,
+        )  # fmt: skip
+        assert model.objective.consistency_mode == mode
+        losses = _train_step(model, batch)
+        values[mode] = [float(losses[f"loss_unsup_{v}"]) for v in ("s1", "s2", "fp")]
+    assert values["pixel"] == [0.0, 0.0, 0.0]
+    assert all(v > 0 for v in values["pixelavg"])
+
+
 def test_ssl_off_ignores_the_unlabelled_stream():
     model = _model("MODEL.HIERVL.SSL.ENABLED", "False")
     batch = {"labeled": _labeled(), "unlabeled": _unlabeled(), "unlabeled_mix": _unlabeled(20)}
