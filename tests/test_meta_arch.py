@@ -75,6 +75,17 @@ def _infer(model, image, **extra):
         return model([dict({"image": image}, **extra)])[0]["sem_seg"]
 
 
+def _two_stream(labeled=None, unlabeled=None):
+    """A named semi-supervised batch: labelled, unlabelled and CutMix-partner streams."""
+    return {
+        "labeled": _labeled() if labeled is None else labeled,
+        "unlabeled": _unlabeled() if unlabeled is None else unlabeled,
+        "unlabeled_mix": _unlabeled(seed=20),
+        "iteration": 0,
+        "max_iter": 10,
+    }
+
+
 def _train_step(model, batch):
     model.train()
     model.zero_grad()
@@ -218,13 +229,7 @@ def test_supervised_and_two_stream_batches(model):
     labeled = _labeled()
     losses = _train_step(model, labeled)
     assert losses and all(k.startswith(("loss_sup_", "loss_vl_")) for k in losses)
-    batch = {
-        "labeled": labeled,
-        "unlabeled": _unlabeled(),
-        "unlabeled_mix": _unlabeled(seed=20),
-        "iteration": 0,
-        "max_iter": 10,
-    }
+    batch = _two_stream(labeled)
     losses = _train_step(model, batch)
     assert {"loss_unsup_s1", "loss_unsup_s2", "loss_unsup_fp"} <= set(losses)
 
@@ -262,13 +267,7 @@ def test_images_of_different_sizes_are_padded_and_the_padding_reaches_the_decode
         return decoder_forward(features, queries, active, padding)
 
     monkeypatch.setattr(model.model.pixel_decoder, "forward", spy)
-    two_stream = {
-        "labeled": labeled,
-        "unlabeled": unlabeled,
-        "unlabeled_mix": _unlabeled(seed=20),
-        "iteration": 0,
-        "max_iter": 10,
-    }
+    two_stream = _two_stream(labeled, unlabeled)
     _train_step(model, two_stream)
     labelled_pass, teacher, strong, fp = seen
     assert torch.equal(labelled_pass, expected)
@@ -303,13 +302,7 @@ def test_a_silent_unlabelled_stream_adds_nothing_to_the_labelled_gradient():
         "MODEL.HIERVL.VL.PT_ENABLED", "False",
     ]  # fmt: skip
     labeled = _labeled()
-    two_stream = {
-        "labeled": labeled,
-        "unlabeled": _unlabeled(),
-        "unlabeled_mix": _unlabeled(seed=20),
-        "iteration": 0,
-        "max_iter": 10,
-    }
+    two_stream = _two_stream(labeled)
     grads = {}
     for entropy in (False, True):
         model = _model(*silent, "MODEL.HIERVL.SSL.ENTROPY_ENABLED", str(entropy))
@@ -328,13 +321,7 @@ def test_consistency_mode_from_the_config_reaches_the_loss():
     """SSL.CONSISTENCY_MODE is wired: with no pseudo-label above CONF_THRESHOLD the
     pixelwise terms are exactly 0, while the confidence-weighted mode (``pixelavg``, the
     quickstart's) has no threshold and learns from every pixel."""
-    batch = {
-        "labeled": _labeled(),
-        "unlabeled": _unlabeled(),
-        "unlabeled_mix": _unlabeled(seed=20),
-        "iteration": 0,
-        "max_iter": 10,
-    }
+    batch = _two_stream()
     values = {}
     for mode in ("pixel", "pixelavg"):
         model = _model(
